@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both install into ./.venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= /tmp/qlora-merge-demo
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install install-test demo test lint bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: on these machines that pin is a local CPU wheel; unpinned, pip pulls GBs of CUDA wheels.
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+
+install-test: install
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: install
+	$(BIN)/qlora-merge --base examples/tiny-llama/base --adapter examples/tiny-llama/adapter \
+		--output $(DEMO_OUT) --dtype bf16 --overwrite
+
+lint: install-test
+	$(BIN)/ruff check src tests scripts bench
+	$(BIN)/ruff format --check src tests scripts bench
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: install-test
+	$(BIN)/python bench/run.py

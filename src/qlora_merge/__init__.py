@@ -1,0 +1,31 @@
+"""qlora-merge: fold LoRA adapters into their base model by streaming safetensors, exactly as PEFT merges."""
+
+from .errors import (
+    AdapterFormatError,
+    CheckpointFormatError,
+    InputNotFound,
+    KeyMatchError,
+    MergeError,
+    OutputError,
+    ShapeMismatch,
+    UnsupportedAdapter,
+)
+from .pipeline import MergeResult, merge
+from .progress import ProgressEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFormatError",
+    "CheckpointFormatError",
+    "InputNotFound",
+    "KeyMatchError",
+    "MergeError",
+    "MergeResult",
+    "OutputError",
+    "ProgressEvent",
+    "ShapeMismatch",
+    "UnsupportedAdapter",
+    "__version__",
+    "merge",
+]

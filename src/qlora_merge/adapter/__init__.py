@@ -1,0 +1,1 @@
+"""A PEFT LoRA adapter on disk: its config and its weights."""

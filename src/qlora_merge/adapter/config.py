@@ -1,0 +1,95 @@
+"""adapter_config.json -> a typed, validated LoRA config with PEFT's defaults for missing fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import AdapterFormatError, InputNotFound, UnsupportedAdapter
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    path: Path
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    bias: str = "none"
+    lora_bias: bool = False
+    target_modules: tuple[str, ...] | str | None = None
+    modules_to_save: tuple[str, ...] | None = None
+    base_model_name_or_path: str | None = None
+
+
+def read_adapter_config(directory: Path) -> LoraConfig:
+    """Read and validate `directory/adapter_config.json`; refuse PEFT types and features not merged here."""
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise InputNotFound(f"{path}: adapter_config.json not found (is '{directory}' a PEFT adapter directory?)")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise UnsupportedAdapter(f"{path}: peft_type {peft_type!r} is not supported; qlora-merge merges LORA adapters")
+    if raw.get("layer_replication"):
+        raise UnsupportedAdapter(f"{path}: layer_replication is not supported yet")
+    if raw.get("use_dora"):
+        raise UnsupportedAdapter(f"{path}: DoRA adapters (use_dora: true) are not supported yet")
+    target_modules = raw.get("target_modules")
+    modules_to_save = raw.get("modules_to_save")
+    return LoraConfig(
+        path=path,
+        r=_positive_int(path, "r", raw.get("r", 8)),
+        lora_alpha=_finite(path, "lora_alpha", raw.get("lora_alpha", 8)),
+        use_rslora=_bool(path, "use_rslora", raw.get("use_rslora", False)),
+        rank_pattern={k: _positive_int(path, f"rank_pattern[{k!r}]", v) for k, v in _dict(path, raw, "rank_pattern")},
+        alpha_pattern={k: _finite(path, f"alpha_pattern[{k!r}]", v) for k, v in _dict(path, raw, "alpha_pattern")},
+        fan_in_fan_out=_bool(path, "fan_in_fan_out", raw.get("fan_in_fan_out", False)),
+        use_dora=False,
+        bias=str(raw.get("bias", "none")),
+        lora_bias=_bool(path, "lora_bias", raw.get("lora_bias", False)),
+        target_modules=tuple(target_modules) if isinstance(target_modules, list) else target_modules,
+        modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, list) else None,
+        base_model_name_or_path=raw.get("base_model_name_or_path"),
+    )
+
+
+def _dict(path: Path, raw: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterFormatError(f"{path}: '{key}' must be an object, got {type(value).__name__}")
+    return list(value.items())
+
+
+def _positive_int(path: Path, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise AdapterFormatError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _finite(path: Path, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterFormatError(f"{path}: '{key}' must be a finite number, got {value!r}")
+    return value
+
+
+def _bool(path: Path, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise AdapterFormatError(f"{path}: '{key}' must be true or false, got {value!r}")
+    return value

@@ -1,0 +1,110 @@
+"""Find a checkpoint's weight files in any of the common layouts and map every tensor to where it lives."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointFormatError, InputNotFound
+from .format import SafetensorsFile, TensorEntry, read_safetensors_header
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """Every tensor of a checkpoint, in file order and, within a file, in data order."""
+
+    root: Path
+    files: tuple[SafetensorsFile, ...]
+    tensors: dict[str, TensorEntry]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self.tensors.values())
+
+    @property
+    def weight_file_names(self) -> frozenset[str]:
+        return frozenset(f.path.name for f in self.files)
+
+
+def open_checkpoint(root: Path) -> CheckpointIndex:
+    """Read the headers of every weight file under `root` (not the data) and validate them."""
+    if not root.is_dir():
+        raise InputNotFound(f"{root}: base model directory not found")
+    index_path = root / SAFETENSORS_INDEX
+    if index_path.is_file():
+        file_names, expected = _read_index(index_path)
+    elif (root / SINGLE_FILE).is_file():
+        file_names, expected = [SINGLE_FILE], None
+    else:
+        file_names = sorted(p.name for p in root.iterdir() if SHARD_NAME.fullmatch(p.name))
+        expected = None
+        if not file_names:
+            pickled = [name for name in PICKLE_WEIGHTS if (root / name).exists()]
+            if pickled:
+                raise CheckpointFormatError(
+                    f"{root / pickled[0]}: only pickle (.bin/.pt) weights found; qlora-merge reads safetensors "
+                    "checkpoints (convert with transformers' save_pretrained(safe_serialization=True))"
+                )
+            raise CheckpointFormatError(f"{root}: no model.safetensors or model-*-of-*.safetensors weights found")
+        _check_complete_shard_set(root, file_names)
+
+    files = tuple(read_safetensors_header(_inside(root, name, index_path)) for name in file_names)
+    tensors: dict[str, TensorEntry] = {}
+    for weight_file in files:
+        for entry in weight_file.tensors:
+            if entry.name in tensors:
+                raise CheckpointFormatError(
+                    f"{weight_file.path}: tensor '{entry.name}' is also in {tensors[entry.name].file.name}"
+                )
+            tensors[entry.name] = entry
+    if expected is not None:
+        for name, file_name in expected.items():
+            found = tensors.get(name)
+            if found is None or found.file.name != Path(file_name).name:
+                raise CheckpointFormatError(f"{index_path}: '{name}' is mapped to {file_name} but is not in it")
+    if not tensors:
+        raise CheckpointFormatError(f"{root}: the checkpoint contains no tensors")
+    return CheckpointIndex(root=root, files=files, tensors=tensors)
+
+
+def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
+    try:
+        data = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"{index_path}: not a readable JSON index ({exc})") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointFormatError(f"{index_path}: missing or empty 'weight_map'")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointFormatError(f"{index_path}: 'weight_map' must map tensor names to file names")
+    return list(dict.fromkeys(weight_map.values())), weight_map
+
+
+def _inside(root: Path, name: str, named_by: Path) -> Path:
+    """A weight file named by an index must stay inside the checkpoint: no absolute paths, '..' or outward links."""
+    candidate = root / name
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointFormatError(f"{named_by}: weight file '{name}' points outside the checkpoint directory")
+    if not candidate.is_file():
+        raise InputNotFound(f"{candidate}: weight file named by {named_by.name} is missing")
+    if not candidate.resolve().is_relative_to(root.resolve()):
+        raise CheckpointFormatError(f"{named_by}: weight file '{name}' links outside the checkpoint directory")
+    return candidate
+
+
+def _check_complete_shard_set(root: Path, file_names: list[str]) -> None:
+    totals = {SHARD_NAME.fullmatch(name).group(2) for name in file_names}  # type: ignore[union-attr]
+    if len(totals) != 1:
+        raise CheckpointFormatError(f"{root}: shards from different sets: {', '.join(file_names)}")
+    total = int(totals.pop())
+    present = {int(SHARD_NAME.fullmatch(name).group(1)) for name in file_names}  # type: ignore[union-attr]
+    missing = sorted(set(range(1, total + 1)) - present)
+    if missing:
+        raise InputNotFound(f"{root}: shard model-{missing[0]:05d}-of-{total:05d}.safetensors is missing")

@@ -1,0 +1,174 @@
+"""Command line: parse flags, call the library, print stages. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import TextIO
+
+from . import __version__
+from .errors import MergeError
+from .pipeline import merge
+from .plan import OUTPUT_DTYPES
+from .progress import ProgressEvent, human_bytes
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+STAGE_TEXT = {
+    "base": ("Loading base model (streaming, headers only)", "Base model indexed"),
+    "tokenizer": ("Loading tokenizer", "Tokenizer files found"),
+    "adapter": ("Loading LoRA adapter", "Adapter loaded"),
+    "merge": ("Merging adapter into base weights", "Merged"),
+    "save": ("Saving merged model to '{detail}'", "Saved"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-merge",
+        description="Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint. "
+        "The base is streamed tensor by tensor: memory stays small whatever the model size.",
+    )
+    parser.add_argument("--base", required=True, help="HF repo id or local path of the full-precision base model")
+    parser.add_argument("--adapter", required=True, help="path (or HF repo id) of the trained LoRA adapter")
+    parser.add_argument("--output", required=True, help="output directory for the merged model")
+    parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES), help="output dtype (default: bf16)")
+    parser.add_argument(
+        "--loader",
+        default="auto",
+        help="key layout of the base: auto (from config.json), qwen3.5 (text adapter into the multimodal "
+        "checkpoint), or an architecture name (default: auto)",
+    )
+    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 2GiB (default: 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the stage log")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    parser.add_argument("--version", action="version", version=f"qlora-merge {__version__}")
+    return parser
+
+
+class StageLog:
+    """Seed-style staged output on stdout; a progress bar on stderr when it is a terminal."""
+
+    def __init__(self, out: TextIO, err: TextIO) -> None:
+        self.out, self.err = out, err
+        self.fancy = _can_print(out, "⏳✅💾")
+        self.bar = err.isatty()
+
+    def line(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def mark(self, kind: str) -> str:
+        marks = (
+            {"start": "⏳", "done": "✅", "save": "💾"} if self.fancy else {"start": "..", "done": "ok", "save": ">>"}
+        )
+        return marks[kind]
+
+    def __call__(self, event: ProgressEvent) -> None:
+        starting, finished = STAGE_TEXT[event.stage]
+        if event.status == "start":
+            mark = self.mark("save" if event.stage == "save" else "start")
+            self.line(f"{mark} {starting.format(detail=event.detail)} …")
+        elif event.status == "update":
+            if self.bar:
+                self.err.write("\r" + _bar(event))
+                self.err.flush()
+        else:
+            if self.bar and event.stage == "merge":
+                self.err.write("\r" + " " * 78 + "\r")
+            detail = f": {event.detail}" if event.detail and event.stage != "save" else ""
+            timing = f"  ({event.elapsed:.0f}s)" if event.stage in ("base", "merge", "save") else ""
+            self.line(f"{self.mark('done')} {finished}{detail}{timing}")
+
+
+def _bar(event: ProgressEvent, width: int = 30) -> str:
+    fraction = event.bytes_done / event.bytes_total if event.bytes_total else 1.0
+    filled = int(width * fraction)
+    rate = event.bytes_done / event.elapsed / 1e9 if event.elapsed > 0 else 0.0
+    return (
+        f"  [{'#' * filled}{'.' * (width - filled)}] {event.tensors_done}/{event.tensors_total} tensors  "
+        f"{human_bytes(event.bytes_done)}/{human_bytes(event.bytes_total)}  {rate:.2f} GB/s"
+    )
+
+
+def _can_print(stream: TextIO, text: str) -> bool:
+    try:
+        text.encode(stream.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _memory_line() -> str:
+    info = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for row in f:
+                key, value = row.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+    except OSError:
+        return "RAM : unknown"
+    return f"RAM : {info.get('MemAvailable', 0) / 1e9:.1f} GB free / {info.get('MemTotal', 0) / 1e9:.1f} GB total"
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="qlora-merge: %(levelname)s: %(message)s",
+        stream=err,
+    )
+    log = StageLog(out, err)
+    if not args.json:
+        log.line(f"base    : {args.base}")
+        log.line(f"adapter : {args.adapter}")
+        log.line(f"output  : {args.output}")
+        log.line(f"dtype   : {args.dtype}")
+        log.line(f"loader  : {args.loader}  (streaming: tensors are merged from the files, no model class is built)")
+        log.line("")
+        log.line(_memory_line())
+    try:
+        result = merge(
+            args.base,
+            args.adapter,
+            args.output,
+            dtype=args.dtype,
+            loader=args.loader,
+            hf_token=args.hf_token,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=(lambda event: None) if args.json else log,
+        )
+    except MergeError as exc:
+        print(f"qlora-merge: error: {exc}", file=err)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("qlora-merge: interrupted; no output was written", file=err)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc(file=err)
+        print(f"qlora-merge: internal error: {type(exc).__name__}: {exc} (re-run with --debug)", file=err)
+        return EXIT_INTERNAL
+    if args.json:
+        print(json.dumps(result.to_dict() | {"peak_rss_gb": round(_peak_rss_gb(), 3)}, indent=2), file=out)
+    else:
+        log.line(
+            f"   {result.tensors_merged} tensors merged, {result.tensors_copied + result.tensors_converted} copied, "
+            f"{human_bytes(result.bytes_written)} in {len(result.shards)} shard(s), peak RSS {_peak_rss_gb():.2f} GB"
+        )
+        log.line(f"{log.mark('done')} Done. Merged model: {result.output}")
+    return 0

@@ -1,0 +1,99 @@
+"""Match adapter module names to base checkpoint tensors, across prefix differences between the two.
+
+An adapter names modules as the model class it was trained on saw them (`model.layers.0.self_attn.q_proj`);
+the checkpoint on disk may nest the same module deeper or shallower (`model.language_model.layers.0...` in a
+multimodal checkpoint, `transformer.h.0` vs `h.0` in old GPT-2 files). We look for the base tensor whose module
+path ends with the longest tail of the adapter's module path, and demand exactly one such tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import KeyMatchError, MergeError
+
+# --loader names that select a known multimodal layout, and the prefix their language model lives under.
+LANGUAGE_MODEL_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
+NAMED_LOADERS = {
+    "qwen3.5": ("Qwen3_5ForConditionalGeneration", ("model.language_model.",)),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", ("model.language_model.",)),
+}
+_ARCHITECTURE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Loader:
+    """How the base is laid out: the architecture the adapter targets and where its language model lives."""
+
+    architecture: str
+    requested: str
+    prefer_prefixes: tuple[str, ...] = ()
+
+
+def resolve_loader(requested: str, base_config: dict[str, Any]) -> Loader:
+    """--loader auto|qwen3.5|<architecture> -> the layout used to match adapter keys."""
+    architectures = base_config.get("architectures") or []
+    model_type = str(base_config.get("model_type", ""))
+    if requested == "auto":
+        architecture = architectures[0] if architectures else (model_type or "unknown")
+        multimodal = "ForConditionalGeneration" in architecture or "qwen3_5" in model_type
+        return Loader(architecture, requested, LANGUAGE_MODEL_PREFIXES if multimodal else ())
+    if requested.lower() in NAMED_LOADERS:
+        architecture, prefixes = NAMED_LOADERS[requested.lower()]
+        return Loader(architecture, requested, prefixes)
+    if _ARCHITECTURE.fullmatch(requested):
+        multimodal = "ForConditionalGeneration" in requested
+        return Loader(requested, requested, LANGUAGE_MODEL_PREFIXES if multimodal else ())
+    raise MergeError(f"--loader {requested!r}: expected auto, qwen3.5 or an architecture name like LlamaForCausalLM")
+
+
+def match_modules(
+    adapter_modules: Iterable[str], base_tensor_names: Iterable[str], loader: Loader, adapter_file: str
+) -> dict[str, str]:
+    """Map each adapter module to the base tensor `<module>.weight` it updates; one-to-one, or KeyMatchError."""
+    by_tail: dict[str, list[str]] = {}
+    for name in base_tensor_names:
+        if not name.endswith(".weight"):
+            continue
+        parts = name.removesuffix(".weight").split(".")
+        for i in range(len(parts)):
+            by_tail.setdefault(".".join(parts[i:]), []).append(name)
+    mapping: dict[str, str] = {}
+    claimed: dict[str, str] = {}
+    for module in adapter_modules:
+        target = _match_one(module, by_tail, loader, adapter_file)
+        if target in claimed:
+            raise KeyMatchError(
+                f"{adapter_file}: modules '{claimed[target]}' and '{module}' both match base tensor '{target}'"
+            )
+        claimed[target] = module
+        mapping[module] = target
+    return mapping
+
+
+def _match_one(module: str, by_tail: dict[str, list[str]], loader: Loader, adapter_file: str) -> str:
+    exact = f"{module}.weight"
+    parts = module.split(".")
+    for i in range(len(parts)):
+        tail = parts[i:]
+        # A tail that starts at a layer number (or is a bare leaf name) no longer says which stack it is in.
+        if i > 0 and (tail[0].isdigit() or len(tail) < 2):
+            break
+        candidates = by_tail.get(".".join(tail), [])
+        if exact in candidates:
+            return exact
+        if len(candidates) > 1 and loader.prefer_prefixes:
+            preferred = [c for c in candidates if c.startswith(loader.prefer_prefixes)]
+            candidates = preferred or candidates
+        if len(candidates) == 1:
+            return candidates[0]
+        if candidates:
+            shown = ", ".join(sorted(candidates)[:3])
+            raise KeyMatchError(
+                f"{adapter_file}: module '{module}' matches several base tensors ({shown}); "
+                "pick the layout with --loader"
+            )
+    raise KeyMatchError(f"{adapter_file}: module '{module}' matches no tensor of the base checkpoint")

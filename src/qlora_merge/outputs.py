@@ -1,0 +1,141 @@
+"""The output directory: a temporary sibling filled completely, then renamed into place; companion files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError
+
+# Files of other weight formats are not companions: copying them would ship stale, unmerged weights.
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".onnx_data",
+    ".gguf",
+    ".ot",
+    ".tflite",
+    ".npz",
+    ".pkl",
+)
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+NOT_COPIED = ("README.md", ".gitattributes", "adapter_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def check_output(output: Path, inputs: Iterable[Path], overwrite: bool) -> None:
+    """Refuse an output that exists (unless overwriting) or that lies inside one of the inputs."""
+    resolved = output.resolve()
+    for source in inputs:
+        if resolved == source.resolve() or resolved.is_relative_to(source.resolve()):
+            raise OutputError(f"{output}: output must not be inside an input ({source})")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def make_staging_dir(output: Path) -> Path:
+    """A hidden sibling of the output on the same filesystem, so the final rename is atomic."""
+    parent = output.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"{parent}: cannot create the output there ({exc.strerror or exc})") from exc
+    # mkdtemp makes the directory private (0700); the published model should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the finished staging dir into place; an old output is only removed once the new one is complete."""
+    _fsync_dir(staging)
+    output = output.resolve()
+    retired = None
+    if output.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        output.rename(retired / output.name)
+    staging.rename(output)
+    _fsync_dir(output.parent)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def companion_files(base_dir: Path, weight_files: Iterable[str]) -> list[Path]:
+    """Every top-level file of the base that is not weights: configs, tokenizer, chat template, code."""
+    skip = set(weight_files) | set(WEIGHT_INDEXES) | set(NOT_COPIED)
+    return sorted(
+        p
+        for p in base_dir.iterdir()
+        if p.is_file() and p.name not in skip and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith(".")
+    )
+
+
+def adapter_tokenizer_files(adapter_dir: Path) -> list[Path]:
+    """Tokenizer files a trainer saved beside the adapter; they win over the base's (they may be resized)."""
+    return [adapter_dir / name for name in TOKENIZER_FILES if (adapter_dir / name).is_file()]
+
+
+def copy_companions(files: Iterable[Path], destination: Path) -> None:
+    for path in files:
+        shutil.copyfile(path, destination / path.name)
+
+
+def write_config(base_config: dict[str, Any], dtype_name: str, destination: Path) -> None:
+    """config.json with every dtype field (top level and nested sub-configs) set to the output dtype."""
+    (destination / "config.json").write_text(json.dumps(_with_dtype(base_config, dtype_name), indent=2) + "\n")
+
+
+def _with_dtype(config: dict[str, Any], dtype_name: str) -> dict[str, Any]:
+    updated = {}
+    for key, value in config.items():
+        if key in ("torch_dtype", "dtype") and (value is None or isinstance(value, str)):
+            updated[key] = dtype_name
+        elif isinstance(value, dict):
+            updated[key] = _with_dtype(value, dtype_name)
+        else:
+            updated[key] = value
+    if "torch_dtype" not in updated and "dtype" not in updated and "model_type" in updated:
+        updated["torch_dtype"] = dtype_name
+    return updated
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

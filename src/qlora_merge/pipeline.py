@@ -1,0 +1,277 @@
+"""The merge, end to end: resolve inputs -> read adapter -> plan -> stream and merge -> write -> check -> publish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapter.config import read_adapter_config
+from .adapter.weights import read_adapter_weights
+from .checkpoint.format import read_safetensors_header
+from .checkpoint.index import open_checkpoint
+from .checkpoint.reader import TensorReader
+from .checkpoint.writer import INDEX_NAME, CheckpointWriter, parse_size
+from .errors import CheckpointFormatError, MergeError
+from .keymap import resolve_loader
+from .outputs import (
+    adapter_tokenizer_files,
+    check_output,
+    companion_files,
+    copy_companions,
+    discard,
+    make_staging_dir,
+    publish,
+    write_config,
+)
+from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, MergePlan, TensorTask, build_plan
+from .progress import ProgressCallback, ProgressEvent, human_bytes, ignore_progress
+from .resolve import resolve_adapter, resolve_base
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge produced; `to_dict()` is what `--json` prints."""
+
+    output: Path
+    base: Path
+    adapter: Path
+    dtype: str
+    architecture: str
+    shards: tuple[str, ...]
+    tensors_merged: int
+    tensors_copied: int
+    tensors_converted: int
+    bytes_written: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("output", "base", "adapter"):
+            data[key] = str(data[key])
+        data["shards"] = list(self.shards)
+        return data
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Resolved, validated inputs and the plan made from them; nothing has been written yet."""
+
+    base_dir: Path
+    adapter_dir: Path
+    base_config: dict[str, Any]
+    architecture: str
+    plan: MergePlan
+    companions: tuple[Path, ...]
+
+
+def merge(
+    base: str | Path,
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "bf16",
+    loader: str = "auto",
+    hf_token: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    progress: ProgressCallback = ignore_progress,
+) -> MergeResult:
+    """Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint to `output`.
+
+    `base` and `adapter` are local directories or Hugging Face repo ids. Memory stays at a few tensors whatever
+    the model size. The output appears only when complete; on any error nothing is left behind.
+    Raises MergeError (and subclasses) for bad input.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    try:
+        max_shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MergeError(f"--max-shard-size: {exc}") from exc
+    output = Path(output)
+    timings: dict[str, float] = {}
+    inputs = _prepare(
+        str(base), str(adapter), output, dtype, loader, hf_token, max_shard_bytes, overwrite, progress, timings
+    )
+    staging = make_staging_dir(output)
+    try:
+        bytes_written = _write(inputs, staging, dtype, progress, timings)
+        started = time.perf_counter()
+        progress(ProgressEvent("save", "start", str(output)))
+        _finish(inputs, staging, dtype)
+        publish(staging, output)
+    except BaseException:
+        discard(staging)
+        raise
+    timings["save"] = time.perf_counter() - started
+    progress(ProgressEvent("save", "done", str(output), elapsed=timings["save"]))
+    plan = inputs.plan
+    return MergeResult(
+        output=output,
+        base=inputs.base_dir,
+        adapter=inputs.adapter_dir,
+        dtype=dtype,
+        architecture=inputs.architecture,
+        shards=tuple(shard.file_name for shard in plan.shards),
+        tensors_merged=plan.count(Action.MERGE),
+        tensors_copied=plan.count(Action.COPY),
+        tensors_converted=plan.count(Action.CONVERT),
+        bytes_written=bytes_written,
+        timings=timings,
+    )
+
+
+def _prepare(
+    base: str,
+    adapter: str,
+    output: Path,
+    dtype: str,
+    loader: str,
+    hf_token: str | None,
+    max_shard_bytes: int,
+    overwrite: bool,
+    progress: ProgressCallback,
+    timings: dict[str, float],
+) -> Inputs:
+    with _stage("base", progress, timings) as stage:
+        base_dir = resolve_base(base, hf_token)
+        index = open_checkpoint(base_dir)
+        base_config = _read_base_config(base_dir)
+        resolved_loader = resolve_loader(loader, base_config)
+        stage.detail = (
+            f"{resolved_loader.architecture}, {len(index.tensors)} tensors in {len(index.files)} file(s), "
+            f"{human_bytes(index.total_bytes)}"
+        )
+    with _stage("tokenizer", progress, timings) as stage:
+        adapter_dir = resolve_adapter(adapter, hf_token)
+        check_output(output, [base_dir, adapter_dir], overwrite)
+        from_adapter = adapter_tokenizer_files(adapter_dir)
+        overridden = {p.name for p in from_adapter} | {"config.json"}
+        companions = [p for p in companion_files(base_dir, index.weight_file_names) if p.name not in overridden]
+        stage.detail = f"{len(companions) + len(from_adapter)} files" + (
+            f", tokenizer from the adapter ({len(from_adapter)} files)" if from_adapter else ""
+        )
+    with _stage("adapter", progress, timings) as stage:
+        config = read_adapter_config(adapter_dir)
+        weights = read_adapter_weights(adapter_dir)
+        plan = build_plan(index, base_config, config, weights, resolved_loader, dtype, max_shard_bytes)
+        stage.detail = f"{len(weights.pairs)} LoRA modules, r={config.r}, alpha={config.lora_alpha}" + (
+            ", rsLoRA" if config.use_rslora else ""
+        )
+    return Inputs(
+        base_dir=base_dir,
+        adapter_dir=adapter_dir,
+        base_config=base_config,
+        architecture=resolved_loader.architecture,
+        plan=plan,
+        companions=tuple(companions + from_adapter),
+    )
+
+
+def _write(inputs: Inputs, staging: Path, dtype: str, progress: ProgressCallback, timings: dict[str, float]) -> int:
+    plan = inputs.plan
+    total_tensors = len(plan.tasks)
+    total_bytes = plan.output_bytes
+    started = time.perf_counter()
+    progress(ProgressEvent("merge", "start", tensors_total=total_tensors, bytes_total=total_bytes))
+    done = 0
+
+    def on_tensor(task: TensorTask, bytes_done: int) -> None:
+        nonlocal done
+        done += 1
+        progress(
+            ProgressEvent(
+                "merge",
+                "update",
+                task.output.name,
+                elapsed=time.perf_counter() - started,
+                tensors_done=done,
+                tensors_total=total_tensors,
+                bytes_done=bytes_done,
+                bytes_total=total_bytes,
+            )
+        )
+
+    writer = CheckpointWriter(staging, list(plan.shards), {"format": "pt"})
+    from .stream import run_plan
+
+    try:
+        with TensorReader() as reader:
+            run_plan(plan, reader, writer, on_tensor)
+        writer.close()
+    finally:
+        writer.abort()
+    timings["merge"] = time.perf_counter() - started
+    progress(
+        ProgressEvent(
+            "merge",
+            "done",
+            f"{plan.count(Action.MERGE)} merged, {plan.count(Action.COPY) + plan.count(Action.CONVERT)} copied",
+            elapsed=timings["merge"],
+            tensors_done=total_tensors,
+            tensors_total=total_tensors,
+            bytes_done=writer.bytes_written,
+            bytes_total=total_bytes,
+        )
+    )
+    return writer.bytes_written
+
+
+def _finish(inputs: Inputs, staging: Path, dtype: str) -> None:
+    """Companion files, config.json, and a re-read of what was written before it may be published."""
+    copy_companions(inputs.companions, staging)
+    if inputs.base_config:
+        write_config(inputs.base_config, TORCH_DTYPE_NAMES[OUTPUT_DTYPES[dtype]], staging)
+    _check_written(inputs.plan, staging)
+
+
+def _check_written(plan: MergePlan, staging: Path) -> None:
+    """Every planned tensor is in the shards exactly once with its dtype and shape, and the index agrees."""
+    found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    for shard in plan.shards:
+        for entry in read_safetensors_header(staging / shard.file_name).tensors:
+            found[entry.name] = (entry.dtype, entry.shape, shard.file_name)
+    expected = {t.output.name: (t.output.dtype, t.output.shape) for t in plan.tasks}
+    if {k: v[:2] for k, v in found.items()} != expected:
+        raise CheckpointFormatError(f"{staging}: written shards do not match the plan")
+    if len(plan.shards) > 1:
+        weight_map = json.loads((staging / INDEX_NAME).read_text())["weight_map"]
+        if weight_map != {name: v[2] for name, v in found.items()}:
+            raise CheckpointFormatError(f"{staging / INDEX_NAME}: index does not match the shards")
+
+
+def _read_base_config(base_dir: Path) -> dict[str, Any]:
+    path = base_dir / "config.json"
+    if not path.is_file():
+        log.warning("%s: no config.json; the output will have none either", base_dir)
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise CheckpointFormatError(f"{path}: expected a JSON object")
+    return config
+
+
+class _stage:
+    """Times one stage and reports its start and end; `detail` set inside the block goes into the end event."""
+
+    def __init__(self, name: str, progress: ProgressCallback, timings: dict[str, float]) -> None:
+        self.name, self.progress, self.timings, self.detail = name, progress, timings, ""
+
+    def __enter__(self) -> _stage:
+        self.started = time.perf_counter()
+        self.progress(ProgressEvent(self.name, "start"))
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.timings[self.name] = time.perf_counter() - self.started
+            self.progress(ProgressEvent(self.name, "done", self.detail, elapsed=self.timings[self.name]))
