@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import atexit
+import os
+import shutil
+import tempfile
+
+# huggingface_hub reads these once, at import, and module-scoped fixtures import it (through transformers) before
+# any function-scoped fixture runs: they must be set before anything imports it.
+_HUB_HOME = tempfile.mkdtemp(prefix="qlora-merge-tests-hf-")
+atexit.register(shutil.rmtree, _HUB_HOME, ignore_errors=True)
+os.environ["HF_HOME"] = _HUB_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HUB_HOME, "hub")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def isolated_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets an empty hub cache of its own, both in the environment and in the hub's import-time constants."""
+    import huggingface_hub.constants as hub_constants
+
     home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HOME", str(home))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

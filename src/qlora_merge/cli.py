@@ -21,7 +21,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 STAGE_TEXT = {
-    "base": ("Loading base model (streaming, headers only)", "Base model indexed"),
+    "base": ("Loading base model (streaming: headers only, no model class)", "Base model indexed"),
     "tokenizer": ("Loading tokenizer", "Tokenizer files found"),
     "adapter": ("Loading LoRA adapter", "Adapter loaded"),
     "merge": ("Merging adapter into base weights", "Merged"),
@@ -35,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint. "
         "The base is streamed tensor by tensor: memory stays small whatever the model size.",
     )
-    parser.add_argument("--base", required=True, help="HF repo id or local path of the full-precision base model")
-    parser.add_argument("--adapter", required=True, help="path (or HF repo id) of the trained LoRA adapter")
+    parser.add_argument(
+        "--base", required=True, help="local path or HF repo id (org/name[@revision]) of the full-precision base model"
+    )
+    parser.add_argument(
+        "--adapter", required=True, help="local path or HF repo id (org/name[@revision]) of the trained LoRA adapter"
+    )
     parser.add_argument("--output", required=True, help="output directory for the merged model")
     parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES), help="output dtype (default: bf16)")
     parser.add_argument(
@@ -57,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 class StageLog:
     """Seed-style staged output on stdout; a progress bar on stderr when it is a terminal."""
 
-    def __init__(self, out: TextIO, err: TextIO) -> None:
-        self.out, self.err = out, err
-        self.fancy = _can_print(out, "⏳✅💾")
+    def __init__(self, out: TextIO, err: TextIO, requested_loader: str) -> None:
+        self.out, self.err, self.requested_loader = out, err, requested_loader
+        self.fancy = _can_print(out, "⏳✅💾…")
         self.bar = err.isatty()
 
     def line(self, text: str) -> None:
@@ -72,10 +76,16 @@ class StageLog:
         return marks[kind]
 
     def __call__(self, event: ProgressEvent) -> None:
+        if event.stage == "resolve":
+            if event.status == "done":
+                self.line(f"loader  : {event.detail}  (resolved from --loader={self.requested_loader})")
+                self.line("")
+                self.line(_memory_line())
+            return
         starting, finished = STAGE_TEXT[event.stage]
         if event.status == "start":
             mark = self.mark("save" if event.stage == "save" else "start")
-            self.line(f"{mark} {starting.format(detail=event.detail)} …")
+            self.line(f"{mark} {starting.format(detail=event.detail)} {'…' if self.fancy else '...'}")
         elif event.status == "update":
             if self.bar:
                 self.err.write("\r" + _bar(event))
@@ -100,7 +110,7 @@ def _bar(event: ProgressEvent, width: int = 30) -> str:
 
 def _can_print(stream: TextIO, text: str) -> bool:
     try:
-        text.encode(stream.encoding or "ascii")
+        text.encode(stream.encoding or "utf-8")  # no encoding: an in-memory stream holds any text
     except (UnicodeEncodeError, LookupError):
         return False
     return True
@@ -131,15 +141,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         format="qlora-merge: %(levelname)s: %(message)s",
         stream=err,
     )
-    log = StageLog(out, err)
+    log = StageLog(out, err, args.loader)
     if not args.json:
         log.line(f"base    : {args.base}")
         log.line(f"adapter : {args.adapter}")
         log.line(f"output  : {args.output}")
         log.line(f"dtype   : {args.dtype}")
-        log.line(f"loader  : {args.loader}  (streaming: tensors are merged from the files, no model class is built)")
-        log.line("")
-        log.line(_memory_line())
     try:
         result = merge(
             args.base,

@@ -53,7 +53,12 @@ def resolve_loader(requested: str, base_config: dict[str, Any]) -> Loader:
 def match_modules(
     adapter_modules: Iterable[str], base_tensor_names: Iterable[str], loader: Loader, adapter_file: str
 ) -> dict[str, str]:
-    """Map each adapter module to the base tensor `<module>.weight` it updates; one-to-one, or KeyMatchError."""
+    """Map each adapter module to the base tensor `<module>.weight` it updates; one-to-one, or KeyMatchError.
+
+    A module whose name is ambiguous (layer 0 of the language model and of an `mtp.` block both end in
+    `layers.0.mlp.down_proj`) follows the prefix rewrite that the unambiguous modules agree on, then the
+    loader's preferred prefixes; only if neither decides is it an error.
+    """
     by_tail: dict[str, list[str]] = {}
     for name in base_tensor_names:
         if not name.endswith(".weight"):
@@ -61,10 +66,12 @@ def match_modules(
         parts = name.removesuffix(".weight").split(".")
         for i in range(len(parts)):
             by_tail.setdefault(".".join(parts[i:]), []).append(name)
+    candidates = {module: _candidates(module, by_tail, adapter_file) for module in adapter_modules}
+    agreed = {_rewrite(module, found[0]) for module, found in candidates.items() if len(found) == 1}
     mapping: dict[str, str] = {}
     claimed: dict[str, str] = {}
-    for module in adapter_modules:
-        target = _match_one(module, by_tail, loader, adapter_file)
+    for module, found in candidates.items():
+        target = _choose(module, found, agreed, loader, adapter_file)
         if target in claimed:
             raise KeyMatchError(
                 f"{adapter_file}: modules '{claimed[target]}' and '{module}' both match base tensor '{target}'"
@@ -74,7 +81,8 @@ def match_modules(
     return mapping
 
 
-def _match_one(module: str, by_tail: dict[str, list[str]], loader: Loader, adapter_file: str) -> str:
+def _candidates(module: str, by_tail: dict[str, list[str]], adapter_file: str) -> list[str]:
+    """The base tensors sharing the longest tail with `module` (just one when the name is identical)."""
     exact = f"{module}.weight"
     parts = module.split(".")
     for i in range(len(parts)):
@@ -82,18 +90,33 @@ def _match_one(module: str, by_tail: dict[str, list[str]], loader: Loader, adapt
         # A tail that starts at a layer number (or is a bare leaf name) no longer says which stack it is in.
         if i > 0 and (tail[0].isdigit() or len(tail) < 2):
             break
-        candidates = by_tail.get(".".join(tail), [])
-        if exact in candidates:
-            return exact
-        if len(candidates) > 1 and loader.prefer_prefixes:
-            preferred = [c for c in candidates if c.startswith(loader.prefer_prefixes)]
-            candidates = preferred or candidates
-        if len(candidates) == 1:
-            return candidates[0]
-        if candidates:
-            shown = ", ".join(sorted(candidates)[:3])
-            raise KeyMatchError(
-                f"{adapter_file}: module '{module}' matches several base tensors ({shown}); "
-                "pick the layout with --loader"
-            )
+        found = by_tail.get(".".join(tail), [])
+        if exact in found:
+            return [exact]
+        if found:
+            return sorted(found)
     raise KeyMatchError(f"{adapter_file}: module '{module}' matches no tensor of the base checkpoint")
+
+
+def _rewrite(module: str, target: str) -> tuple[str, str]:
+    """The prefix swap that turns `module` into `target`: ('model.', 'model.language_model.') and the like."""
+    module_parts = module.split(".")
+    target_parts = target.removesuffix(".weight").split(".")
+    common = 0
+    while common < min(len(module_parts), len(target_parts)) and module_parts[-1 - common] == target_parts[-1 - common]:
+        common += 1
+    return ".".join(module_parts[: len(module_parts) - common]), ".".join(target_parts[: len(target_parts) - common])
+
+
+def _choose(module: str, found: list[str], agreed: set[tuple[str, str]], loader: Loader, adapter_file: str) -> str:
+    if len(found) == 1:
+        return found[0]
+    consistent = [target for target in found if _rewrite(module, target) in agreed] or found
+    if len(consistent) > 1 and loader.prefer_prefixes:
+        consistent = [target for target in consistent if target.startswith(loader.prefer_prefixes)] or consistent
+    if len(consistent) == 1:
+        return consistent[0]
+    shown = ", ".join(consistent[:3])
+    raise KeyMatchError(
+        f"{adapter_file}: module '{module}' matches several base tensors ({shown}); pick the layout with --loader"
+    )

@@ -48,31 +48,41 @@ TOKENIZER_FILES = (
 )
 
 
-def check_output(output: Path, inputs: Iterable[Path], overwrite: bool) -> None:
-    """Refuse an output that exists (unless overwriting) or that lies inside one of the inputs."""
-    resolved = output.resolve()
-    for source in inputs:
-        if resolved == source.resolve() or resolved.is_relative_to(source.resolve()):
-            raise OutputError(f"{output}: output must not be inside an input ({source})")
+def check_output_free(output: Path, overwrite: bool) -> None:
+    """Refuse an output that exists and holds something, unless overwriting: checked before any download."""
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise OutputError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def make_staging_dir(output: Path) -> Path:
-    """A hidden sibling of the output on the same filesystem, so the final rename is atomic."""
+def check_not_inside(output: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output equal to or inside an input: replacing it would delete what is being read."""
+    resolved = output.resolve()
+    for source in inputs:
+        if resolved == source.resolve() or resolved.is_relative_to(source.resolve()):
+            raise OutputError(f"{output}: output must not be inside an input ({source})")
+
+
+def make_staging_dir(output: Path) -> tuple[Path, list[Path]]:
+    """A hidden sibling of the output on the same filesystem, so the final rename is atomic.
+
+    Missing parent directories are created; they are returned, deepest first, so that a failed merge can remove
+    them again and leave the disk as it found it.
+    """
     parent = output.resolve().parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
     except OSError as exc:
+        _remove_empty(created)
         raise OutputError(f"{parent}: cannot create the output there ({exc.strerror or exc})") from exc
     # mkdtemp makes the directory private (0700); the published model should get the usual permissions.
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)
-    return staging
+    return staging, created
 
 
 def publish(staging: Path, output: Path) -> None:
@@ -89,8 +99,18 @@ def publish(staging: Path, output: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
-def discard(staging: Path) -> None:
+def discard(staging: Path, created_parents: Iterable[Path] = ()) -> None:
+    """Remove a staging dir and the parent directories made for it (if still empty)."""
     shutil.rmtree(staging, ignore_errors=True)
+    _remove_empty(created_parents)
+
+
+def _remove_empty(directories: Iterable[Path]) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (someone else wrote there) or already gone: leave it
+            return
 
 
 def companion_files(base_dir: Path, weight_files: Iterable[str]) -> list[Path]:

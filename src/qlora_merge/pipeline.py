@@ -19,7 +19,8 @@ from .errors import CheckpointFormatError, MergeError
 from .keymap import resolve_loader
 from .outputs import (
     adapter_tokenizer_files,
-    check_output,
+    check_not_inside,
+    check_output_free,
     companion_files,
     copy_companions,
     discard,
@@ -99,7 +100,7 @@ def merge(
     inputs = _prepare(
         str(base), str(adapter), output, dtype, loader, hf_token, max_shard_bytes, overwrite, progress, timings
     )
-    staging = make_staging_dir(output)
+    staging, created = make_staging_dir(output)
     try:
         bytes_written = _write(inputs, staging, dtype, progress, timings)
         started = time.perf_counter()
@@ -107,7 +108,7 @@ def merge(
         _finish(inputs, staging, dtype)
         publish(staging, output)
     except BaseException:
-        discard(staging)
+        discard(staging, created)
         raise
     timings["save"] = time.perf_counter() - started
     progress(ProgressEvent("save", "done", str(output), elapsed=timings["save"]))
@@ -139,18 +140,18 @@ def _prepare(
     progress: ProgressCallback,
     timings: dict[str, float],
 ) -> Inputs:
-    with _stage("base", progress, timings) as stage:
+    with _stage("resolve", progress, timings) as stage:
+        check_output_free(output, overwrite)
         base_dir = resolve_base(base, hf_token)
-        index = open_checkpoint(base_dir)
+        adapter_dir = resolve_adapter(adapter, hf_token)
+        check_not_inside(output, [base_dir, adapter_dir])
         base_config = _read_base_config(base_dir)
         resolved_loader = resolve_loader(loader, base_config)
-        stage.detail = (
-            f"{resolved_loader.architecture}, {len(index.tensors)} tensors in {len(index.files)} file(s), "
-            f"{human_bytes(index.total_bytes)}"
-        )
+        stage.detail = resolved_loader.architecture
+    with _stage("base", progress, timings) as stage:
+        index = open_checkpoint(base_dir)
+        stage.detail = f"{len(index.tensors)} tensors in {len(index.files)} file(s), {human_bytes(index.total_bytes)}"
     with _stage("tokenizer", progress, timings) as stage:
-        adapter_dir = resolve_adapter(adapter, hf_token)
-        check_output(output, [base_dir, adapter_dir], overwrite)
         from_adapter = adapter_tokenizer_files(adapter_dir)
         overridden = {p.name for p in from_adapter} | {"config.json"}
         companions = [p for p in companion_files(base_dir, index.weight_file_names) if p.name not in overridden]
@@ -253,8 +254,8 @@ def _read_base_config(base_dir: Path) -> dict[str, Any]:
         return {}
     try:
         config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({exc})") from exc
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 and JSON
+        raise CheckpointFormatError(f"{path}: not valid JSON ({str(exc)[:200]})") from exc
     if not isinstance(config, dict):
         raise CheckpointFormatError(f"{path}: expected a JSON object")
     return config

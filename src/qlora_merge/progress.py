@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-STAGES = ("base", "tokenizer", "adapter", "merge", "save")
+STAGES = ("resolve", "base", "tokenizer", "adapter", "merge", "save")
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """stage is one of STAGES; status is 'start', 'update' (merge only, after each tensor) or 'done'."""
+    """stage is one of STAGES; status is 'start', 'update' (merge only, after each tensor) or 'done'.
+
+    'resolve' finds the inputs (downloading repo ids) and reads config.json; its 'done' detail is the
+    architecture the --loader resolved to.
+    """
 
     stage: str
     status: str

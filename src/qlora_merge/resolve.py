@@ -6,59 +6,161 @@ import json
 import re
 from pathlib import Path
 
-from .errors import InputNotFound
+from .errors import InputNotFound, MergeError
+from .outputs import TOKENIZER_FILES
 
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# Everything a merged model needs besides its weights, never the weights of other formats or sub-folders.
-BASE_METADATA = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py", "tokenizer*"]
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", *BASE_METADATA[1:]]
+# "org/name", optionally "@revision" (branch, tag, commit or refs/pr/N). The namespace is required: a bare "name"
+# is far more likely a mistyped local directory than one of the hub's few legacy un-namespaced repos. Paths starting
+# with ".", "/", "~" or a drive ("C:"), or with a backslash or a second "/", never match.
+REPO_REF = re.compile(r"(?P<repo_id>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
+# Everything a merged model needs besides its weights, never weights of other formats (*.bin, *.pth, onnx, gguf).
+BASE_METADATA = [
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.jinja",
+    "*.tiktoken",
+    "*.py",
+    "tokenizer*",
+    "LICENSE*",
+    "NOTICE*",
+    "USE_POLICY*",
+]
+# Sub-folders hold other formats or components (original/, onnx/, gguf/...); the merge reads the top level only.
+TOP_LEVEL_ONLY = ["*/*"]
+INDEX_NAME = "model.safetensors.index.json"
+UNINDEXED_WEIGHTS = ["model.safetensors", "model-*-of-*.safetensors"]
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
 
 
 def resolve_base(ref: str, token: str | None = None, revision: str | None = None) -> Path:
-    """A local checkpoint dir as is; a repo id downloaded (metadata first, then only the shards its index names)."""
+    """A local checkpoint dir as is; a repo id downloaded: metadata first, then only the shards its index names."""
     local = _local_dir(ref, "base model")
     if local is not None:
         return local
-    root = _download(ref, BASE_METADATA, token, revision)
-    index = root / "model.safetensors.index.json"
+    repo_id, revision = _split_ref(ref, revision)
+    root = _download(ref, "base model", repo_id, revision, BASE_METADATA, token)
+    index = root / INDEX_NAME
+    shards = _indexed_shards(index) if index.is_file() else UNINDEXED_WEIGHTS
+    if shards is None:  # An unreadable index: open_checkpoint says what is wrong with it.
+        return root
+    # Pinned to the commit the index came from, so a branch that moves in between cannot mix two checkpoints.
+    root = _download(ref, "base model", repo_id, _commit_of(root, revision), shards, token)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
-    else:
-        shards = ["model.safetensors", "model-*-of-*.safetensors"]
-    return _download(ref, shards, token, revision)
+        _require(root, shards, ref)
+    return root
 
 
 def resolve_adapter(ref: str, token: str | None = None, revision: str | None = None) -> Path:
+    """A local adapter dir as is; a repo id downloaded: its config, weights and any tokenizer files saved with it."""
     local = _local_dir(ref, "adapter")
     if local is not None:
         return local
-    return _download(ref, ADAPTER_FILES, token, revision)
+    repo_id, revision = _split_ref(ref, revision)
+    root = _download(ref, "adapter", repo_id, revision, [ADAPTER_CONFIG, ADAPTER_SAFETENSORS, *TOKENIZER_FILES], token)
+    _require(root, [ADAPTER_CONFIG], ref)
+    if not (root / ADAPTER_SAFETENSORS).is_file():
+        # Old PEFT saved pickles; fetched only when there is no safetensors, as a repo may hold both.
+        root = _download(ref, "adapter", repo_id, _commit_of(root, revision), [ADAPTER_PICKLE], token)
+    return root
 
 
 def _local_dir(ref: str, what: str) -> Path | None:
+    """The directory `ref` names, or None when it names none and reads as a repo id; InputNotFound otherwise."""
+    if not ref.strip():
+        raise InputNotFound(f"{what}: empty path")
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise InputNotFound(f"{ref}: {what} must be a directory")
-    if not REPO_ID.fullmatch(ref) or ref.startswith((".", "/", "~")):
-        raise InputNotFound(f"{ref}: {what} directory not found")
+        raise InputNotFound(f"{ref}: {what} must be a directory, not a file")
+    if not REPO_REF.fullmatch(ref):
+        raise InputNotFound(f"{ref}: {what} directory not found{_where(ref)}")
     return None
 
 
-def _download(repo_id: str, patterns: list[str], token: str | None, revision: str | None) -> Path:
-    # Imported here: a purely local merge should not pay for the hub client's import.
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+def _where(ref: str) -> str:
+    # Relative paths are read from the working directory: show which one, as that is the usual mix-up.
+    return "" if Path(ref).is_absolute() else f" ({Path(ref).absolute()})"
 
+
+def _split_ref(ref: str, revision: str | None) -> tuple[str, str | None]:
+    match = REPO_REF.fullmatch(ref)
+    assert match is not None  # _local_dir returned None, so ref reads as a repo id
+    return match["repo_id"], revision or match["revision"]
+
+
+def _indexed_shards(index: Path) -> list[str] | None:
+    """The shard names the index maps tensors to, or None when it is malformed."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return shards if shards and all(isinstance(s, str) for s in shards) else None
+
+
+def _commit_of(root: Path, revision: str | None) -> str | None:
+    # snapshot_download returns <cache>/models--org--name/snapshots/<commit>.
+    return root.name if root.parent.name == "snapshots" else revision
+
+
+def _require(root: Path, names: list[str], ref: str) -> None:
+    """Offline, the hub returns a cached snapshot as is, even one lacking files: say so rather than fail later."""
+    from huggingface_hub import constants
+
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        why = "HF_HUB_OFFLINE is set, so it was not downloaded" if constants.is_offline_mode() else "not in the repo"
+        raise InputNotFound(f"{ref}: {missing[0]} is missing from the snapshot {root} ({why})")
+
+
+def _download(ref: str, what: str, repo_id: str, revision: str | None, patterns: list[str], token: str | None) -> Path:
+    """snapshot_download of the files matching `patterns`, with every hub error turned into one InputNotFound line."""
+    # Imported here: a purely local merge should not pay for the hub client's import.
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f" at revision '{revision}'" if revision else ""
+    unreachable = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached (no network?)"
+    token_hint = "pass --hf-token or set HF_TOKEN"
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=["*/*"], token=token
+            repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=TOP_LEVEL_ONLY, token=token or None
         )
+    except GatedRepoError as exc:
+        raise InputNotFound(f"{ref}: gated Hugging Face repo: accept its terms on the hub, then {token_hint}") from exc
     except RepositoryNotFoundError as exc:
-        raise InputNotFound(f"{repo_id}: repository not found on the hub (or it is private: pass --hf-token)") from exc
+        raise InputNotFound(
+            f"{ref}: {what} not found: no local directory{_where(ref)} and no Hugging Face repo "
+            f"'{repo_id}' (if it is private, {token_hint})"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise InputNotFound(f"{ref}: Hugging Face repo '{repo_id}' has no revision '{revision}'") from exc
+    except IncompleteSnapshotError as exc:
+        raise InputNotFound(f"{ref}: the cached snapshot{at} is incomplete and {unreachable}") from exc
     except LocalEntryNotFoundError as exc:
-        raise InputNotFound(f"{repo_id}: not in the local hub cache and the hub cannot be reached") from exc
+        raise InputNotFound(
+            f"{ref}: {what} not found: no local directory{_where(ref)}, and Hugging Face repo '{repo_id}'"
+            f"{at} is not in the hub cache {constants.HF_HUB_CACHE} and {unreachable}"
+        ) from exc
     except HfHubHTTPError as exc:
-        raise InputNotFound(f"{repo_id}: download failed ({str(exc).splitlines()[0]})") from exc
+        status = getattr(exc.response, "status_code", None)
+        hint = f" ({token_hint})" if status in (401, 403) else ""
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InputNotFound(f"{ref}: download from the hub failed: {first_line}{hint}") from exc
+    except HFValidationError as exc:
+        raise InputNotFound(f"{ref}: {what} not found: neither a local directory nor a valid repo id") from exc
+    except OSError as exc:  # Disk full, unwritable cache, a dropped connection mid-download.
+        raise MergeError(f"{ref}: download failed: {exc}") from exc
     return Path(folder)

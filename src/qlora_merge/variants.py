@@ -7,11 +7,20 @@ float32 (PEFT upcasts adapter weights on load), added to the base weight in floa
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# Merges work on blocks of weight rows of about this many elements, so float32 intermediates stay in cache
+# and memory does not grow with the tensor (a 70B down_proj would need ~2.8 GB of buffers whole).
+BLOCK_ELEMENTS = 1 << 20
+# The fewest rows a block's B @ A is computed on (see linear_delta_rows).
+MIN_BLOCK_ROWS = 16
 
 # Architectures whose projection layers are transformers' Conv1D, which stores weights as (in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -60,16 +69,83 @@ def is_transposed(
     return None
 
 
-def linear_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
-    """scaling * (B @ A) in float32, transposed for (in, out) weights: PEFT's `get_delta_weight`."""
-    product = b @ a
-    return (product.T if transposed else product) * scaling
+def factor_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The dtype PEFT multiplies B @ A in: float32 (it upcasts half-precision adapters), float64 if a factor is."""
+    return torch.float64 if torch.float64 in (a, b) else torch.float32
 
 
-def merge_linear(
-    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool, out_dtype: torch.dtype
+def linear_delta_rows(
+    a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool, start: int, stop: int, scratch: torch.Tensor
 ) -> torch.Tensor:
-    """W + delta, added in float32 and rounded once to the output dtype."""
-    merged = weight.to(torch.float32) if weight.dtype != torch.float32 else weight.clone()
-    merged += linear_delta(a, b, scaling, transposed)
-    return merged if out_dtype == torch.float32 else merged.to(out_dtype)
+    """Rows [start, stop) of the weight's delta, scaling * (B @ A) (transposed for (in, out) weights), in `scratch`.
+
+    A short block borrows rows before it so that every product has at least MIN_BLOCK_ROWS rows: MKL's sgemm
+    picks another kernel for very short row blocks, whose float32 sums differ from the whole product's.
+    `scratch` holds at least max(stop - start, MIN_BLOCK_ROWS) * row length elements of the factors' dtype.
+    """
+    lo = max(0, min(start, stop - MIN_BLOCK_ROWS))
+    n = stop - lo
+    if transposed:
+        product = torch.mm(b, a[:, lo:stop], out=scratch[: b.shape[0] * n].view(b.shape[0], n))
+    else:
+        product = torch.mm(b[lo:stop], a, out=scratch[: n * a.shape[1]].view(n, a.shape[1]))
+    product.mul_(scaling)
+    return (product.T if transposed else product)[start - lo :]
+
+
+def merge_rows_into(weight: torch.Tensor, delta: torch.Tensor, upcast: torch.Tensor, out: torch.Tensor) -> None:
+    """out <- W + delta for a block of rows: summed in float32 (float64 if either side is), rounded once.
+
+    `delta` is overwritten. Adding W to the delta rather than the delta to W gives the same bits (IEEE addition
+    is commutative). W is first widened into the float32 buffer `upcast`: an in-place float32 += bfloat16 takes
+    a slow mixed-dtype path, about eight times slower than the copy and the add together.
+    """
+    if delta.dtype == torch.float32 and weight.dtype != torch.float64:
+        if weight.dtype != torch.float32:
+            weight = upcast[: weight.numel()].view(weight.shape).copy_(weight)
+        out.copy_(delta.add_(weight))
+        return
+    # PEFT adds a float32 delta to a float64 weight, or a float64 delta to any weight, in float64.
+    out.copy_(weight.double() + delta.double())
+
+
+class BlockingCheck:
+    """Whether row-blocked B @ A equals the whole product bit for bit, per shape, on this machine's BLAS.
+
+    Which kernel runs depends on the shapes (and thread count), not the values, so one comparison on random
+    factors per distinct shape settles it for every tensor of that shape. A shape that fails is merged as one
+    block, which costs memory but never exactness.
+    """
+
+    def __init__(self) -> None:
+        self._verdicts: dict[tuple[object, ...], bool] = {}
+
+    def rows_per_block(self, rows: int, cols: int, a: torch.Tensor, b: torch.Tensor, transposed: bool) -> int:
+        wanted = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(cols, 1))
+        if wanted >= rows:
+            return rows
+        key = (tuple(a.shape), tuple(b.shape), a.dtype, transposed, wanted)
+        if key not in self._verdicts:
+            self._verdicts[key] = blocks_match_whole(tuple(a.shape), tuple(b.shape), a.dtype, transposed, wanted)
+            if not self._verdicts[key]:
+                log.info("blocked LoRA products differ from whole ones for A%s B%s; merging whole", a.shape, b.shape)
+        return wanted if self._verdicts[key] else rows
+
+
+def blocks_match_whole(
+    a_shape: tuple[int, ...], b_shape: tuple[int, ...], dtype: torch.dtype, transposed: bool, rows_per_block: int
+) -> bool:
+    """Compute B @ A whole and in blocks of `rows_per_block` weight rows on random factors; True if bit-identical."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(a_shape, generator=generator, dtype=dtype)
+    b = torch.randn(b_shape, generator=generator, dtype=dtype)
+    whole = b @ a
+    if transposed:
+        whole = whole.T
+    rows, cols = whole.shape
+    scratch = torch.empty(max(rows_per_block, MIN_BLOCK_ROWS) * cols, dtype=dtype)
+    for start in range(0, rows, rows_per_block):
+        stop = min(rows, start + rows_per_block)
+        if not torch.equal(linear_delta_rows(a, b, 1.0, transposed, start, stop, scratch), whole[start:stop]):
+            return False
+    return True

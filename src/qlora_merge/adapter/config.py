@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,13 +41,15 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         raise InputNotFound(f"{path}: adapter_config.json not found (is '{directory}' a PEFT adapter directory?)")
     try:
         raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also a 5000-digit number
         raise AdapterFormatError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object")
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
-        raise UnsupportedAdapter(f"{path}: peft_type {peft_type!r} is not supported; qlora-merge merges LORA adapters")
+        raise UnsupportedAdapter(
+            f"{path}: peft_type {_short(peft_type)} is not supported; qlora-merge merges LORA adapters"
+        )
     if raw.get("layer_replication"):
         raise UnsupportedAdapter(f"{path}: layer_replication is not supported yet")
     if raw.get("use_dora"):
@@ -71,25 +74,43 @@ def read_adapter_config(directory: Path) -> LoraConfig:
 
 
 def _dict(path: Path, raw: dict[str, Any], key: str) -> list[tuple[str, Any]]:
+    """A rank_pattern/alpha_pattern object; its keys are regexes (PEFT matches them unescaped), so they must compile."""
     value = raw.get(key) or {}
     if not isinstance(value, dict):
         raise AdapterFormatError(f"{path}: '{key}' must be an object, got {type(value).__name__}")
+    for pattern in value:
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")  # as variants.pattern_key uses it
+        except re.error as exc:
+            raise AdapterFormatError(
+                f"{path}: '{key}' key {pattern!r} is not a usable regular expression ({exc})"
+            ) from exc
     return list(value.items())
 
 
 def _positive_int(path: Path, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AdapterFormatError(f"{path}: '{key}' must be a positive integer, got {value!r}")
+        raise AdapterFormatError(f"{path}: '{key}' must be a positive integer, got {_short(value)}")
     return value
 
 
 def _finite(path: Path, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise AdapterFormatError(f"{path}: '{key}' must be a finite number, got {value!r}")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float, e.g. 1e400 written without a decimal point
+        finite = False
+    if not finite:
+        raise AdapterFormatError(f"{path}: '{key}' must be a finite number, got {_short(value)}")
     return value
 
 
 def _bool(path: Path, key: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise AdapterFormatError(f"{path}: '{key}' must be true or false, got {value!r}")
+        raise AdapterFormatError(f"{path}: '{key}' must be true or false, got {_short(value)}")
     return value
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr() cut to fit an error line (a 400-digit integer or a long list would drown the message)."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[: limit - 3]}..."

@@ -7,6 +7,7 @@ that needs its own merge rule, so it is reported by what it is rather than skipp
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,9 +98,13 @@ def describe_key(key: str) -> str:
 
 
 def _checked_pair(path: Path, module: str, a: AdapterTensor, b: AdapterTensor) -> LoraPair:
-    if len(a.shape) != 2 or len(b.shape) != 2:
+    if len(a.shape) == len(b.shape) and len(a.shape) in (3, 4, 5):
         raise UnsupportedAdapter(
             f"{path}: '{PEFT_PREFIX}{module}' has {len(a.shape)}-D LoRA factors (convolution LoRA), not merged yet"
+        )
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise AdapterFormatError(
+            f"{path}: '{PEFT_PREFIX}{module}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not matrices"
         )
     if a.shape[0] != b.shape[1]:
         raise ShapeMismatch(
@@ -113,9 +118,9 @@ def _checked_pair(path: Path, module: str, a: AdapterTensor, b: AdapterTensor) -
 
 
 def load_factor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
-    """A LoRA factor in float32, the precision PEFT merges in (it upcasts adapters on load)."""
+    """A LoRA factor as PEFT holds it after loading: half precision upcast to float32, float32/64 as saved."""
     value = reader.read(tensor) if isinstance(tensor, TensorEntry) else tensor
-    return value.float()
+    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
 
 
 def _read_safetensors(path: Path) -> dict[str, AdapterTensor]:
@@ -129,10 +134,17 @@ def _read_safetensors(path: Path) -> dict[str, AdapterTensor]:
 def _read_pickle(path: Path) -> dict[str, AdapterTensor]:
     """Load a .bin adapter with weights_only=True: plain tensors only, nothing is ever executed."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        # mmap needs the zip format of torch >= 1.6; older .bin files are read whole (adapters are small).
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():
+            raise AdapterFormatError(
+                f"{path}: refused, it pickles objects other than tensors (nothing was run; re-save it as safetensors)"
+            ) from exc
+        raise AdapterFormatError(f"{path}: not a readable torch file (corrupt or not a pickle)") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdapterFormatError(f"{path}: refused, not a plain tensor file ({reason[:200]})") from exc
+        raise AdapterFormatError(f"{path}: not a readable torch file ({reason[:200]})") from exc
     if not isinstance(loaded, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):

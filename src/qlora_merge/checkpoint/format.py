@@ -88,7 +88,7 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
         raise CheckpointFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8, nesting too deep, a 5000-digit number
         raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object")

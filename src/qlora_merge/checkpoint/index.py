@@ -77,7 +77,7 @@ def open_checkpoint(root: Path) -> CheckpointIndex:
 def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
     try:
         data = json.loads(index_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8 and invalid JSON
         raise CheckpointFormatError(f"{index_path}: not a readable JSON index ({exc})") from exc
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -94,9 +94,14 @@ def _inside(root: Path, name: str, named_by: Path) -> Path:
         raise CheckpointFormatError(f"{named_by}: weight file '{name}' points outside the checkpoint directory")
     if not candidate.is_file():
         raise InputNotFound(f"{candidate}: weight file named by {named_by.name} is missing")
-    if not candidate.resolve().is_relative_to(root.resolve()):
+    if not candidate.resolve().is_relative_to(root.resolve()) and not _hub_blob(root, candidate):
         raise CheckpointFormatError(f"{named_by}: weight file '{name}' links outside the checkpoint directory")
     return candidate
+
+
+def _hub_blob(root: Path, candidate: Path) -> bool:
+    """huggingface_hub's cache links snapshots/<commit>/<file> to ../../blobs/<hash>: its layout, not an escape."""
+    return root.parent.name == "snapshots" and candidate.resolve().parent == (root.parent.parent / "blobs").resolve()
 
 
 def _check_complete_shard_set(root: Path, file_names: list[str]) -> None:

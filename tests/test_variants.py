@@ -1,0 +1,101 @@
+"""The LoRA math module on its own: blocked products equal whole ones bit for bit, scaling and pattern rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from factories import assert_same_tensors, make_adapter, make_base, peft_merge, read_tensors
+
+from qlora_merge import merge, variants
+from qlora_merge.variants import (
+    MIN_BLOCK_ROWS,
+    BlockingCheck,
+    blocks_match_whole,
+    linear_delta_rows,
+    lora_scaling,
+    merge_rows_into,
+    module_rank_alpha,
+    pattern_key,
+)
+
+
+def blocked_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool, rows_per_block: int):
+    rows = a.shape[1] if transposed else b.shape[0]
+    cols = b.shape[0] if transposed else a.shape[1]
+    scratch = torch.empty(max(rows_per_block, MIN_BLOCK_ROWS) * cols)
+    blocks = []
+    for start in range(0, rows, rows_per_block):
+        stop = min(rows, start + rows_per_block)
+        blocks.append(linear_delta_rows(a, b, scaling, transposed, start, stop, scratch).clone())
+    return torch.cat(blocks)
+
+
+# Ranks and widths of real adapters, and row blocks that leave tails of 1 to 15 rows (the MKL trap: a short tail
+# runs another sgemm kernel whose float32 sums differ from the whole product's unless it is widened).
+@pytest.mark.parametrize("rank", [1, 4, 8, 16, 64])
+@pytest.mark.parametrize(("rows", "cols", "rows_per_block"), [(64, 112, 20), (1000, 96, 333), (514, 2048, 256)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_blocked_delta_is_bit_identical_to_the_whole_product(
+    rank: int, rows: int, cols: int, rows_per_block: int, transposed: bool
+) -> None:
+    generator = torch.Generator().manual_seed(rank * rows)
+    out_features, in_features = (cols, rows) if transposed else (rows, cols)
+    a = torch.randn(rank, in_features, generator=generator)
+    b = torch.randn(out_features, rank, generator=generator)
+    scaling = 5 / 8**0.5
+    whole = (b @ a) * scaling  # PEFT: (B @ A), transposed if fan_in_fan_out, times scaling
+    expected = whole.T if transposed else whole
+    got = blocked_delta(a, b, scaling, transposed, rows_per_block)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected), f"{(got != expected).sum().item()} float32 elements differ"
+    assert blocks_match_whole(tuple(a.shape), tuple(b.shape), torch.float32, transposed, rows_per_block)
+
+
+def test_merge_rows_rounds_once_like_peft() -> None:
+    """W(bf16) + delta(f32) summed in float32 and rounded once equals PEFT's `weight.data += delta` on a bf16 weight."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 80, generator=generator).to(torch.bfloat16)
+    delta = torch.randn(48, 80, generator=generator) * 1e-2
+    peft = weight.clone()
+    peft += delta
+    out = torch.empty_like(weight)
+    merge_rows_into(weight, delta.clone(), torch.empty(48 * 80), out)
+    assert torch.equal(out, peft)
+    assert not torch.equal(out, weight + delta.to(torch.bfloat16)), "rounding the delta first is the other rounding"
+
+
+def test_blocking_falls_back_to_whole_tensors_when_blocks_differ(monkeypatch: pytest.MonkeyPatch) -> None:
+    check = BlockingCheck()
+    a, b = torch.zeros(8, 4096), torch.zeros(4096, 8)
+    assert check.rows_per_block(4096, 4096, a, b, transposed=False) == variants.BLOCK_ELEMENTS // 4096
+    monkeypatch.setattr(variants, "blocks_match_whole", lambda *args: False)
+    assert BlockingCheck().rows_per_block(4096, 4096, a, b, transposed=False) == 4096
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_multi_block_merge_equals_peft(arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 20 rows on 64-wide weights: several blocks per tensor and a 4-row tail, still bit-identical."""
+    monkeypatch.setattr(variants, "BLOCK_ELEMENTS", 20 * 64)
+    base = make_base(arch, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", arch, r=8, lora_alpha=5, use_rslora=True)
+    merge(base, adapter, tmp_path / "ours")
+    assert_same_tensors(read_tensors(tmp_path / "ours"), peft_merge(base, adapter, tmp_path / "peft", torch.bfloat16))
+
+
+def test_scaling_rules() -> None:
+    assert lora_scaling(16, 8, use_rslora=False) == 2.0
+    assert lora_scaling(16, 16, use_rslora=True) == 4.0
+
+
+def test_pattern_keys_follow_peft() -> None:
+    """PEFT matches a pattern against the whole module name or a tail after a dot, as an unescaped regex."""
+    patterns = {"q_proj": 2, "layers.1.mlp.down_proj": 6}
+    assert pattern_key(patterns, "model.layers.0.self_attn.q_proj") == "q_proj"
+    assert pattern_key(patterns, "model.layers.1.mlp.down_proj") == "layers.1.mlp.down_proj"
+    assert pattern_key(patterns, "model.layers.11.mlp.down_proj") is None
+    assert pattern_key(patterns, "model.layers.0.self_attn.xq_proj") is None
+    assert pattern_key({"layers.0": 1}, "model.layers_0") == "layers.0", "unescaped dot, as in PEFT"
+    assert module_rank_alpha("model.layers.1.mlp.down_proj", 4, 8, patterns, {"down_proj": 3}) == (6, 3)
+    assert module_rank_alpha("model.layers.2.mlp.up_proj", 4, 8, patterns, {"down_proj": 3}) == (4, 8)
