@@ -30,9 +30,14 @@ def pattern_key(patterns: Iterable[str], module: str) -> str | None:
     """PEFT's `get_pattern_key`: the first pattern that, as a regex, matches the whole module name or its tail
     after a dot. PEFT does not escape the pattern, so neither do we: `layers.0` also matches `layers_0`."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_regex(key).match(module):
             return key
     return None
+
+
+def pattern_regex(key: str) -> re.Pattern[str]:
+    """The regex PEFT builds from a rank_pattern/alpha_pattern key; re.error if the key is not a valid regex."""
+    return re.compile(rf"(.*\.)?({key})$")
 
 
 def module_rank_alpha(

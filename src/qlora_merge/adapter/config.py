@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterFormatError, InputNotFound, UnsupportedAdapter
+from ..variants import pattern_regex
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def _dict(path: Path, raw: dict[str, Any], key: str) -> list[tuple[str, Any]]:
         raise AdapterFormatError(f"{path}: '{key}' must be an object, got {type(value).__name__}")
     for pattern in value:
         try:
-            re.compile(rf"(.*\.)?({pattern})$")  # as variants.pattern_key uses it
+            pattern_regex(pattern)
         except re.error as exc:
             raise AdapterFormatError(
                 f"{path}: '{key}' key {pattern!r} is not a usable regular expression ({exc})"
