@@ -8,8 +8,11 @@ bytes and the headers in agreement.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import queue
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,6 @@ from .format import encode_header, tensor_nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-COPY_CHUNK = 64 << 20
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -83,7 +85,13 @@ def index_json(shards: list[ShardLayout]) -> dict[str, object] | None:
 
 
 class CheckpointWriter:
-    """Streams tensors into planned shards: begin(name) in plan order, write()/copy_from() its bytes, end()."""
+    """Streams tensors into planned shards: begin(name) in plan order, write()/copy_from() its bytes, end().
+
+    Bytes are gathered into a few reused, page-aligned pieces; a background thread writes each full piece while
+    the caller fills the next, so reading and merging overlap with the disk. Where the filesystem allows it the
+    pieces go out with O_DIRECT: buffered writes of tens of GB are throttled by the page cache (on our reference
+    machine a 16 GB `cp` takes 40 s, a direct write of the same bytes 8 s) and evict the input being read.
+    """
 
     def __init__(self, directory: Path, shards: list[ShardLayout], metadata: dict[str, str]) -> None:
         self._directory = directory
@@ -91,10 +99,13 @@ class CheckpointWriter:
         self._metadata = metadata
         self._order = [(i, t) for i, shard in enumerate(shards) for t in shard.tensors]
         self._position = -1
-        self._fd: int | None = None
         self._open_shard = -1
         self._remaining = 0
         self.bytes_written = 0
+        largest_file = max((shard.nbytes for shard in shards), default=0) + MAX_HEADER_ESTIMATE
+        self._pieces = _PieceWriter(min(PIECE_BYTES, _round_up(largest_file, BLOCK_BYTES)))
+        self._direct = _direct_io_works(directory)
+        self._file: _OpenShard | None = None
 
     def begin(self, name: str) -> OutputTensor:
         if self._remaining:
@@ -114,34 +125,26 @@ class CheckpointWriter:
         view = memoryview(data).cast("B")
         if len(view) > self._remaining:
             raise RuntimeError("more bytes written than the tensor holds")
-        while view:
-            n = os.write(self._fd, view)  # type: ignore[arg-type]
-            view = view[n:]
-            self._remaining -= n
-            self.bytes_written += n
+        self._put(view)
+        self._remaining -= len(view)
+        self.bytes_written += len(view)
 
     def copy_from(self, src_fd: int, offset: int, count: int) -> None:
-        """Copy bytes of another file inside the kernel where it can (no trip through user memory)."""
+        """Copy bytes of another file: read straight into the output piece, no intermediate buffer."""
         if count > self._remaining:
             raise RuntimeError("more bytes copied than the tensor holds")
+        file = self._current()
         end = offset + count
         while offset < end:
-            try:
-                n = os.copy_file_range(src_fd, self._fd, min(end - offset, 1 << 30), offset)  # type: ignore[arg-type]
-            except OSError:
-                n = self._copy_via_buffer(src_fd, offset, end - offset)
+            space = file.space(self._pieces)
+            n = os.preadv(src_fd, [space[: end - offset]], offset)
+            space.release()
             if n == 0:
                 raise OSError(f"source ended early at byte {offset}")
+            file.advance(n, self._pieces)
             offset += n
             self._remaining -= n
             self.bytes_written += n
-
-    def _copy_via_buffer(self, src_fd: int, offset: int, count: int) -> int:
-        chunk = os.pread(src_fd, min(count, COPY_CHUNK), offset)
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
-        return len(chunk)
 
     def end(self) -> None:
         if self._remaining:
@@ -154,31 +157,176 @@ class CheckpointWriter:
             missing = self._order[self._position + 1][1].name
             raise RuntimeError(f"output incomplete: tensor '{missing}' was never written")
         self._close_shard()
+        self._pieces.stop()
         index = index_json(self._shards)
         if index is not None:
             (self._directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Stop after a failure: the background writer ends, the open file is closed (the caller removes it)."""
+        self._pieces.stop()
+        if self._file is not None:
+            self._file.close_fd()
+            self._file = None
+
+    def _current(self) -> _OpenShard:
+        if self._file is None:
+            raise RuntimeError("no tensor begun")
+        return self._file
+
+    def _put(self, view: memoryview) -> None:
+        file = self._current()
+        while view:
+            space = file.space(self._pieces)
+            n = min(len(space), len(view))
+            space[:n] = view[:n]
+            space.release()
+            file.advance(n, self._pieces)
+            view = view[n:]
 
     def _start_shard(self, shard_index: int) -> None:
         self._close_shard()
         shard = self._shards[shard_index]
         path = self._directory / shard.file_name
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if self._direct else 0)
+        self._file = _OpenShard(os.open(path, flags, 0o644))
         self._open_shard = shard_index
-        header = encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], self._metadata)
-        self.write_header(header)
-
-    def write_header(self, header: bytes) -> None:
-        view = memoryview(header)
-        while view:
-            view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
+        self._put(memoryview(encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], self._metadata)))
 
     def _close_shard(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.finish(self._pieces)
+            self._file = None
+
+
+# Output goes to disk in pieces of this size: big enough for the disk, small enough to keep memory flat.
+PIECE_BYTES = 32 << 20
+PIECE_COUNT = 4
+# O_DIRECT needs buffers, lengths and offsets aligned to the device's logical block; 4 KiB covers every disk.
+BLOCK_BYTES = 4096
+# Room for a shard's header when sizing pieces for small checkpoints (tests and demos need no 32 MiB pieces).
+MAX_HEADER_ESTIMATE = 1 << 20
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class _PieceWriter:
+    """A thread that writes full pieces to their files while the caller fills the next one.
+
+    Pieces circulate between a free queue and a job queue, so at most PIECE_COUNT exist and the caller blocks when
+    the disk falls behind. A write error is kept and raised in the caller at its next take() or drain().
+    """
+
+    def __init__(self, piece_bytes: int) -> None:
+        self.piece_bytes = piece_bytes
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        self._jobs: queue.Queue[tuple[int, mmap.mmap, int, int] | None] = queue.Queue()
+        self._created = 0
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="qlora-merge-writer", daemon=True)
+        self._thread.start()
+
+    def take(self) -> mmap.mmap:
+        self._raise_error()
+        if self._free.empty() and self._created < PIECE_COUNT:
+            self._created += 1
+            # Anonymous maps are page-aligned, as O_DIRECT requires.
+            return mmap.mmap(-1, self.piece_bytes)
+        return self._free.get()
+
+    def submit(self, fd: int, piece: mmap.mmap, length: int, offset: int) -> None:
+        self._jobs.put((fd, piece, length, offset))
+
+    def drain(self) -> None:
+        """Wait until every submitted piece is on its file."""
+        self._jobs.join()
+        self._raise_error()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fd, piece, length, offset = job
+            try:
+                if self._error is None:
+                    view = memoryview(piece)
+                    done = 0
+                    while done < length:
+                        done += os.pwrite(fd, view[done:length], offset + done)
+                    view.release()
+            except OSError as exc:
+                self._error = exc
+            finally:
+                self._free.put(piece)
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+
+class _OpenShard:
+    """One output file being filled piece by piece; `written` counts the bytes handed to it so far."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._piece: mmap.mmap | None = None
+        self._fill = 0
+        self._piece_offset = 0
+
+    def space(self, pieces: _PieceWriter) -> memoryview:
+        """The free part of the current piece (a new one if needed); release() it before advance()."""
+        if self._piece is None:
+            self._piece = pieces.take()
+            self._fill = 0
+        return memoryview(self._piece)[self._fill :]
+
+    def advance(self, n: int, pieces: _PieceWriter) -> None:
+        self._fill += n
+        if self._fill == pieces.piece_bytes:
+            pieces.submit(self.fd, self._piece, self._fill, self._piece_offset)  # type: ignore[arg-type]
+            self._piece_offset += self._fill
+            self._piece = None
+
+    def finish(self, pieces: _PieceWriter) -> None:
+        """Write the last, partial piece padded to a whole block, cut the file to its size, fsync, close."""
+        size = self._piece_offset + (self._fill if self._piece is not None else 0)
+        if self._piece is not None:
+            pieces.submit(self.fd, self._piece, _round_up(self._fill, BLOCK_BYTES), self._piece_offset)
+            self._piece = None
+        pieces.drain()
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+        self.close_fd()
+
+    def close_fd(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _direct_io_works(directory: Path) -> bool:
+    """Whether O_DIRECT writes work in `directory`: tmpfs and some network filesystems refuse them."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    probe = directory / ".direct-io-probe"
+    block = mmap.mmap(-1, BLOCK_BYTES)
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        try:
+            os.write(fd, block)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        block.close()
+        probe.unlink(missing_ok=True)
+    return True
