@@ -99,3 +99,20 @@ def test_pattern_keys_follow_peft() -> None:
     assert pattern_key({"layers.0": 1}, "model.layers_0") == "layers.0", "unescaped dot, as in PEFT"
     assert module_rank_alpha("model.layers.1.mlp.down_proj", 4, 8, patterns, {"down_proj": 3}) == (6, 3)
     assert module_rank_alpha("model.layers.2.mlp.up_proj", 4, 8, patterns, {"down_proj": 3}) == (4, 8)
+
+
+def test_self_test_memory_does_not_grow_with_the_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocked-vs-whole self-test runs on two blocks plus the real tail, whatever the number of rows."""
+    seen = []
+    monkeypatch.setattr(variants, "blocks_match_whole", lambda *args: seen.append(args) or True)
+    rank, cols = 16, 4096
+    wanted = variants.BLOCK_ELEMENTS // cols
+    for rows in (14_336, 128_256):
+        BlockingCheck().rows_per_block(rows, cols, torch.zeros(rank, cols), torch.zeros(rows, rank), transposed=False)
+        BlockingCheck().rows_per_block(rows, cols, torch.zeros(rank, rows), torch.zeros(cols, rank), transposed=True)
+    for a_shape, b_shape, _, transposed, rows_per_block in seen:
+        proxy_rows = a_shape[1] if transposed else b_shape[0]
+        assert rows_per_block == wanted
+        assert proxy_rows <= 3 * wanted
+    tails = {(a[1] if t else b[0]) % wanted for a, b, _, t, _ in seen}
+    assert tails == {14_336 % wanted, 128_256 % wanted}, "the proxy keeps the real tail's size"
