@@ -129,6 +129,15 @@ def _memory_line() -> str:
 
 
 def _peak_rss_gb() -> float:
+    """This process's peak resident memory. VmHWM where Linux has it: ru_maxrss also counts the parent's peak
+    inherited at exec, so a merge started from a big process (a notebook, pytest) would report that one's."""
+    try:
+        with open("/proc/self/status") as f:
+            for row in f:
+                if row.startswith("VmHWM:"):
+                    return int(row.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
