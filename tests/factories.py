@@ -26,11 +26,16 @@ def tiny_config(arch: str) -> Any:
         return transformers.MistralConfig(**common, tie_word_embeddings=False, sliding_window=None)
     if arch == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
+    if arch == "gemma":
+        return transformers.GemmaConfig(**common, head_dim=16, tie_word_embeddings=True)
+    if arch == "phi3":
+        return transformers.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0)
     raise ValueError(arch)
 
 
 TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     "default": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
@@ -52,30 +57,52 @@ def make_base(
     return directory
 
 
-def make_adapter(base_dir: Path, directory: Path, arch: str, seed: int = 1, **lora_kwargs: Any) -> Path:
-    """A real PEFT LoRA adapter on `base_dir` with random, non-zero A and B (saved in float32, as PEFT does)."""
+def make_adapter(
+    base_dir: Path,
+    directory: Path,
+    arch: str,
+    seed: int = 1,
+    vocab_size: int | None = None,
+    save_embedding_layers: bool | str = "auto",
+    **lora_kwargs: Any,
+) -> Path:
+    """A real PEFT LoRA adapter on `base_dir`, every trained tensor random and different from the base (saved in
+    float32, as PEFT does): A and B, DoRA magnitudes (the initial norms times 1 +- 10%), modules_to_save copies
+    and trained biases (the base's values plus noise). `vocab_size` resizes the embeddings first, as trainers do
+    after adding tokens."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if vocab_size is not None:
+        model.resize_token_embeddings(vocab_size)
     options: dict[str, Any] = {"r": 4, "lora_alpha": 8, "target_modules": targets(arch), "lora_dropout": 0.0}
     options.update(lora_kwargs)
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **options))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + torch.randn(param.shape, generator=generator) * 0.1)
+            elif "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(directory)
+            elif param.requires_grad:  # modules_to_save copies, trained biases
+                param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(directory, save_embedding_layers=save_embedding_layers)
     return directory
 
 
-def peft_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The seeds' way: load base in `dtype`, PeftModel, merge_and_unload(), save_pretrained(); return the tensors."""
+def peft_merge(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: torch.dtype, vocab_size: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The seeds' way: load base in `dtype`, PeftModel, merge_and_unload(), save_pretrained(); return the tensors.
+    `vocab_size` resizes the embeddings before the adapter is loaded, as PEFT requires for a resized adapter."""
     import transformers
     from peft import PeftModel
 
     model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    if vocab_size is not None:
+        model.resize_token_embeddings(vocab_size)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir)
     return read_tensors(out_dir)
@@ -104,16 +131,25 @@ def assert_same_tensors(ours: dict[str, torch.Tensor], reference: dict[str, torc
             raise AssertionError(f"{name}: {differing} of {got.numel()} elements differ from PEFT's merge")
 
 
-def logits(model_dir: Path, adapter_dir: Path | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Logits on a fixed prompt of the saved model, or of base + unmerged adapter when `adapter_dir` is given."""
+def logits(
+    model_dir: Path,
+    adapter_dir: Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
+    ids: list[int] | None = None,
+) -> torch.Tensor:
+    """Logits on a fixed prompt of the saved model, or of base + unmerged adapter when `adapter_dir` is given
+    (`vocab_size` resizes the base first)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if vocab_size is not None:
+        model.resize_token_embeddings(vocab_size)
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 101, 7]])
+    prompt = torch.tensor([ids or [1, 5, 9, 33, 70, 2, 101, 7]])
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=prompt).logits

@@ -110,9 +110,9 @@ def test_self_test_memory_does_not_grow_with_the_tensor(monkeypatch: pytest.Monk
     for rows in (14_336, 128_256):
         BlockingCheck().rows_per_block(rows, cols, torch.zeros(rank, cols), torch.zeros(rows, rank), transposed=False)
         BlockingCheck().rows_per_block(rows, cols, torch.zeros(rank, rows), torch.zeros(cols, rank), transposed=True)
-    for a_shape, b_shape, _, transposed, rows_per_block in seen:
+    for a_shape, b_shape, _, transposed, rows_per_block, *_ in seen:
         proxy_rows = a_shape[1] if transposed else b_shape[0]
         assert rows_per_block == wanted
         assert proxy_rows <= 3 * wanted
-    tails = {(a[1] if t else b[0]) % wanted for a, b, _, t, _ in seen}
+    tails = {(a[1] if t else b[0]) % wanted for a, b, _, t, *_ in seen}
     assert tails == {14_336 % wanted, 128_256 % wanted} == {188, 138}, "the proxy keeps the real tail's size"

@@ -13,7 +13,7 @@ from typing import TextIO
 
 from . import __version__
 from .errors import MergeError
-from .pipeline import merge
+from .pipeline import MergeResult, merge
 from .plan import OUTPUT_DTYPES
 from .progress import ProgressEvent, human_bytes
 
@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 2GiB (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument(
+        "--allow-unused",
+        action="store_true",
+        help="merge even if some adapter tensors match nothing in the base (they are listed and left out)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan only: print each adapter tensor and the base tensor it changes, shape, vocab and tying "
+        "changes and the bytes to write; write nothing",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the stage log")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"qlora-merge {__version__}")
@@ -96,6 +107,29 @@ class StageLog:
             detail = f": {event.detail}" if event.detail and event.stage != "save" else ""
             timing = f"  ({event.elapsed:.0f}s)" if event.stage in ("base", "merge", "save") else ""
             self.line(f"{self.mark('done')} {finished}{detail}{timing}")
+
+
+def _print_coverage(result: MergeResult, log: StageLog) -> None:
+    """--dry-run: what every adapter tensor does, what changes in config.json, what would be written."""
+    log.line("")
+    log.line("adapter tensor -> output tensor")
+    for row in result.coverage:
+        target = f"{row.target} {_shape(row.target_shape)}" if row.target else "-"
+        log.line(f"  {row.adapter_key} {_shape(row.adapter_shape)} -> {target}  [{row.role}; {row.action}]")
+    for key, value in result.config_changes.items():
+        log.line(f"config.json: {key} -> {json.dumps(value)}")
+    if result.unused:
+        log.line(f"unused adapter tensors (left out): {len(result.unused)}")
+    log.line(
+        f"would write {human_bytes(result.bytes_written)} in {len(result.shards)} shard(s): "
+        f"{result.tensors_merged} merged, {result.tensors_replaced} replaced, "
+        f"{result.tensors_copied + result.tensors_converted} copied"
+    )
+    log.line("dry run: nothing was written")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ")"
 
 
 def _bar(event: ProgressEvent, width: int = 30) -> str:
@@ -166,6 +200,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             hf_token=args.hf_token,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
+            allow_unused=args.allow_unused,
+            dry_run=args.dry_run,
             progress=(lambda event: None) if args.json else log,
         )
     except MergeError as exc:
@@ -181,6 +217,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return EXIT_INTERNAL
     if args.json:
         print(json.dumps(result.to_dict() | {"peak_rss_gb": round(_peak_rss_gb(), 3)}, indent=2), file=out)
+    elif result.dry_run:
+        _print_coverage(result, log)
     else:
         log.line(
             f"   {result.tensors_merged} tensors merged, {result.tensors_copied + result.tensors_converted} copied, "

@@ -53,70 +53,93 @@ def resolve_loader(requested: str, base_config: dict[str, Any]) -> Loader:
 def match_modules(
     adapter_modules: Iterable[str], base_tensor_names: Iterable[str], loader: Loader, adapter_file: str
 ) -> dict[str, str]:
-    """Map each adapter module to the base tensor `<module>.weight` it updates; one-to-one, or KeyMatchError.
+    """Map each adapter module to the base tensor `<module>.weight` it updates; one-to-one, or KeyMatchError."""
+    found = match_tensors([f"{m}.weight" for m in adapter_modules], base_tensor_names, loader, adapter_file)
+    return {name.removesuffix(".weight"): target for name, target in found.items() if target is not None}
 
-    A module whose name is ambiguous (layer 0 of the language model and of an `mtp.` block both end in
-    `layers.0.mlp.down_proj`) follows the prefix rewrite that the unambiguous modules agree on, then the
-    loader's preferred prefixes; only if neither decides is it an error.
+
+def match_tensors(
+    names: Iterable[str],
+    base_tensor_names: Iterable[str],
+    loader: Loader,
+    adapter_file: str,
+    optional: Iterable[str] = (),
+) -> dict[str, str | None]:
+    """Map each tensor name as the adapter's model saw it to the one base tensor it stands for; one-to-one.
+
+    A name whose module path is ambiguous (layer 0 of the language model and of an `mtp.` block both end in
+    `layers.0.mlp.down_proj`) follows the prefix rewrite that the unambiguous names agree on, then the loader's
+    preferred prefixes; only if neither decides is it an error. A name that matches no base tensor is a
+    KeyMatchError, unless it is in `optional`: then it maps to None.
     """
-    by_tail: dict[str, list[str]] = {}
+    optional = set(optional)
+    by_tail: dict[tuple[str, str], list[str]] = {}
     for name in base_tensor_names:
-        if not name.endswith(".weight"):
-            continue
-        parts = name.removesuffix(".weight").split(".")
+        module, _, leaf = name.rpartition(".")
+        parts = module.split(".")
         for i in range(len(parts)):
-            by_tail.setdefault(".".join(parts[i:]), []).append(name)
-    candidates = {module: _candidates(module, by_tail, adapter_file) for module in adapter_modules}
-    agreed = {_rewrite(module, found[0]) for module, found in candidates.items() if len(found) == 1}
-    mapping: dict[str, str] = {}
+            by_tail.setdefault((".".join(parts[i:]), leaf), []).append(name)
+    candidates = {name: _candidates(name, by_tail, adapter_file, name in optional) for name in names}
+    agreed = {_rewrite(name, found[0]) for name, found in candidates.items() if len(found) == 1}
+    mapping: dict[str, str | None] = {}
     claimed: dict[str, str] = {}
-    for module, found in candidates.items():
-        target = _choose(module, found, agreed, loader, adapter_file)
+    for name, found in candidates.items():
+        if not found:
+            mapping[name] = None
+            continue
+        target = _choose(name, found, agreed, loader, adapter_file)
         if target in claimed:
             raise KeyMatchError(
-                f"{adapter_file}: modules '{claimed[target]}' and '{module}' both match base tensor '{target}'"
+                f"{adapter_file}: '{_module(claimed[target])}' and '{_module(name)}' both match base tensor '{target}'"
             )
-        claimed[target] = module
-        mapping[module] = target
+        claimed[target] = name
+        mapping[name] = target
     return mapping
 
 
-def _candidates(module: str, by_tail: dict[str, list[str]], adapter_file: str) -> list[str]:
-    """The base tensors sharing the longest tail with `module` (just one when the name is identical)."""
-    exact = f"{module}.weight"
+def _module(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def _candidates(name: str, by_tail: dict[tuple[str, str], list[str]], adapter_file: str, optional: bool) -> list[str]:
+    """The base tensors sharing the longest module tail and the leaf with `name` (just one when identical)."""
+    module, _, leaf = name.rpartition(".")
     parts = module.split(".")
     for i in range(len(parts)):
         tail = parts[i:]
         # A tail that starts at a layer number (or is a bare leaf name) no longer says which stack it is in.
         if i > 0 and (tail[0].isdigit() or len(tail) < 2):
             break
-        found = by_tail.get(".".join(tail), [])
-        if exact in found:
-            return [exact]
+        found = by_tail.get((".".join(tail), leaf), [])
+        if name in found:
+            return [name]
         if found:
             return sorted(found)
-    raise KeyMatchError(f"{adapter_file}: module '{module}' matches no tensor of the base checkpoint")
+    if optional:
+        return []
+    raise KeyMatchError(f"{adapter_file}: module '{_module(name)}' matches no tensor of the base checkpoint")
 
 
-def _rewrite(module: str, target: str) -> tuple[str, str]:
-    """The prefix swap that turns `module` into `target`: ('model.', 'model.language_model.') and the like."""
-    module_parts = module.split(".")
-    target_parts = target.removesuffix(".weight").split(".")
+def _rewrite(name: str, target: str) -> tuple[str, str]:
+    """The prefix swap that turns `name` into `target`: ('model.', 'model.language_model.') and the like."""
+    name_parts = name.split(".")
+    target_parts = target.split(".")
     common = 0
-    while common < min(len(module_parts), len(target_parts)) and module_parts[-1 - common] == target_parts[-1 - common]:
+    while common < min(len(name_parts), len(target_parts)) and name_parts[-1 - common] == target_parts[-1 - common]:
         common += 1
-    return ".".join(module_parts[: len(module_parts) - common]), ".".join(target_parts[: len(target_parts) - common])
+    return ".".join(name_parts[: len(name_parts) - common]), ".".join(target_parts[: len(target_parts) - common])
 
 
-def _choose(module: str, found: list[str], agreed: set[tuple[str, str]], loader: Loader, adapter_file: str) -> str:
+def _choose(name: str, found: list[str], agreed: set[tuple[str, str]], loader: Loader, adapter_file: str) -> str:
     if len(found) == 1:
         return found[0]
-    consistent = [target for target in found if _rewrite(module, target) in agreed] or found
+    consistent = [target for target in found if _rewrite(name, target) in agreed] or found
     if len(consistent) > 1 and loader.prefer_prefixes:
         consistent = [target for target in consistent if target.startswith(loader.prefer_prefixes)] or consistent
     if len(consistent) == 1:
         return consistent[0]
     shown = ", ".join(consistent[:3])
     raise KeyMatchError(
-        f"{adapter_file}: module '{module}' matches several base tensors ({shown}); pick the layout with --loader"
+        f"{adapter_file}: module '{_module(name)}' matches several base tensors ({shown}); "
+        "pick the layout with --loader"
     )

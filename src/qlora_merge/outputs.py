@@ -133,9 +133,27 @@ def copy_companions(files: Iterable[Path], destination: Path) -> None:
         shutil.copyfile(path, destination / path.name)
 
 
-def write_config(base_config: dict[str, Any], dtype_name: str, destination: Path) -> None:
-    """config.json with every dtype field (top level and nested sub-configs) set to the output dtype."""
-    (destination / "config.json").write_text(json.dumps(_with_dtype(base_config, dtype_name), indent=2) + "\n")
+def write_config(
+    base_config: dict[str, Any], dtype_name: str, destination: Path, changes: dict[str, Any] | None = None
+) -> None:
+    """config.json with every dtype field (top level and nested sub-configs) set to the output dtype, and the
+    plan's changes (`vocab_size` after a resize, `tie_word_embeddings` when untied) applied."""
+    config = _with_changes(_with_dtype(base_config, dtype_name), changes or {})
+    (destination / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _with_changes(config: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Set each changed field at the top level and in a nested `text_config` (multimodal models keep the language
+    model's vocab_size and tying there); a field a config lacks is added at the top level only."""
+    updated = dict(config)
+    text = dict(updated["text_config"]) if isinstance(updated.get("text_config"), dict) else None
+    for key, value in changes.items():
+        updated[key] = value
+        if text is not None and key in text:
+            text[key] = value
+    if text is not None:
+        updated["text_config"] = text
+    return updated
 
 
 def _with_dtype(config: dict[str, Any], dtype_name: str) -> dict[str, Any]:

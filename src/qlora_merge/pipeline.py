@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter.config import read_adapter_config
-from .adapter.weights import read_adapter_weights
+from .adapter.weights import AdapterTensor, AdapterWeights, read_adapter_weights, read_tensor
 from .checkpoint.format import read_safetensors_header
 from .checkpoint.index import open_checkpoint
 from .checkpoint.reader import TensorReader
@@ -28,7 +28,7 @@ from .outputs import (
     publish,
     write_config,
 )
-from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, MergePlan, TensorTask, build_plan
+from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, CoverageRow, MergePlan, TensorTask, build_plan, coverage
 from .progress import ProgressCallback, ProgressEvent, human_bytes, ignore_progress
 from .resolve import resolve_adapter, resolve_base
 
@@ -49,6 +49,11 @@ class MergeResult:
     tensors_copied: int
     tensors_converted: int
     bytes_written: int
+    tensors_replaced: int = 0
+    dry_run: bool = False
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    coverage: tuple[CoverageRow, ...] = ()
+    unused: tuple[str, ...] = ()
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +74,7 @@ class Inputs:
     architecture: str
     plan: MergePlan
     companions: tuple[Path, ...]
+    weights: AdapterWeights
 
 
 def merge(
@@ -81,12 +87,16 @@ def merge(
     hf_token: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    allow_unused: bool = False,
+    dry_run: bool = False,
     progress: ProgressCallback = ignore_progress,
 ) -> MergeResult:
     """Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint to `output`.
 
     `base` and `adapter` are local directories or Hugging Face repo ids. Memory stays at a few tensors whatever
     the model size. The output appears only when complete; on any error nothing is left behind.
+    Every adapter tensor must update some output tensor, unless `allow_unused`. With `dry_run`, nothing is
+    written: the result reports the plan (`coverage`: each adapter tensor and the tensor it changes).
     Raises MergeError (and subclasses) for bad input.
     """
     if dtype not in OUTPUT_DTYPES:
@@ -98,8 +108,20 @@ def merge(
     output = Path(output)
     timings: dict[str, float] = {}
     inputs = _prepare(
-        str(base), str(adapter), output, dtype, loader, hf_token, max_shard_bytes, overwrite, progress, timings
+        str(base),
+        str(adapter),
+        output,
+        dtype,
+        loader,
+        hf_token,
+        max_shard_bytes,
+        overwrite,
+        allow_unused,
+        progress,
+        timings,
     )
+    if dry_run:
+        return _result(inputs, output, dtype, 0, timings, dry_run=True)
     staging, created = make_staging_dir(output)
     try:
         bytes_written = _write(inputs, staging, dtype, progress, timings)
@@ -112,6 +134,12 @@ def merge(
         raise
     timings["save"] = time.perf_counter() - started
     progress(ProgressEvent("save", "done", str(output), elapsed=timings["save"]))
+    return _result(inputs, output, dtype, bytes_written, timings)
+
+
+def _result(
+    inputs: Inputs, output: Path, dtype: str, bytes_written: int, timings: dict[str, float], dry_run: bool = False
+) -> MergeResult:
     plan = inputs.plan
     return MergeResult(
         output=output,
@@ -123,7 +151,12 @@ def merge(
         tensors_merged=plan.count(Action.MERGE),
         tensors_copied=plan.count(Action.COPY),
         tensors_converted=plan.count(Action.CONVERT),
-        bytes_written=bytes_written,
+        tensors_replaced=plan.count(Action.REPLACE),
+        bytes_written=plan.output_bytes if dry_run else bytes_written,
+        dry_run=dry_run,
+        config_changes=dict(plan.config_changes),
+        coverage=tuple(coverage(plan, inputs.weights)),
+        unused=plan.unused,
         timings=timings,
     )
 
@@ -137,6 +170,7 @@ def _prepare(
     hf_token: str | None,
     max_shard_bytes: int,
     overwrite: bool,
+    allow_unused: bool,
     progress: ProgressCallback,
     timings: dict[str, float],
 ) -> Inputs:
@@ -161,10 +195,20 @@ def _prepare(
     with _stage("adapter", progress, timings) as stage:
         config = read_adapter_config(adapter_dir)
         weights = read_adapter_weights(adapter_dir)
-        plan = build_plan(index, base_config, config, weights, resolved_loader, dtype, max_shard_bytes)
-        stage.detail = f"{len(weights.pairs)} LoRA modules, r={config.r}, alpha={config.lora_alpha}" + (
-            ", rsLoRA" if config.use_rslora else ""
-        )
+        with TensorReader() as reader:
+            plan = build_plan(
+                index,
+                base_config,
+                config,
+                weights,
+                resolved_loader,
+                dtype,
+                max_shard_bytes,
+                allow_unused=allow_unused,
+                same_values=lambda x, y, transpose: _same_values(x, y, transpose, reader),
+            )
+        _check_every_key_used(plan, weights)
+        stage.detail = _adapter_detail(config, weights)
     return Inputs(
         base_dir=base_dir,
         adapter_dir=adapter_dir,
@@ -172,7 +216,43 @@ def _prepare(
         architecture=resolved_loader.architecture,
         plan=plan,
         companions=tuple(companions + from_adapter),
+        weights=weights,
     )
+
+
+def _adapter_detail(config: Any, weights: AdapterWeights) -> str:
+    features = [
+        name
+        for name, on in (
+            ("rsLoRA", config.use_rslora),
+            ("DoRA", config.use_dora),
+            ("lora_bias", config.lora_bias),
+            (f"bias={config.bias}", config.bias != "none"),
+            (f"{len(weights.replacements)} replaced tensors", bool(weights.replacements)),
+        )
+        if on
+    ]
+    return f"{len(weights.pairs)} LoRA modules, r={config.r}, alpha={config.lora_alpha}" + "".join(
+        f", {f}" for f in features
+    )
+
+
+def _same_values(first: AdapterTensor, second: AdapterTensor, transpose: bool, reader: TensorReader) -> bool:
+    """Whether two adapter tensors hold the same values (the second transposed): tied copies are checked, not
+    assumed."""
+    a, b = read_tensor(first, reader), read_tensor(second, reader)
+    if transpose:
+        b = b.T
+    return a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all())
+
+
+def _check_every_key_used(plan: MergePlan, weights: AdapterWeights) -> None:
+    """Every adapter tensor is accounted for by the plan: used, a checked tied copy, or explicitly allowed unused."""
+    accounted = {key for task in plan.tasks for key in task.adapter_keys}
+    accounted |= set(plan.tied_copies) | set(plan.unused)
+    missing = [key for key in weights.shapes if key not in accounted]
+    if missing:
+        raise RuntimeError(f"{weights.path}: adapter tensors the plan does not use: {', '.join(missing[:5])}")
 
 
 def _write(inputs: Inputs, staging: Path, dtype: str, progress: ProgressCallback, timings: dict[str, float]) -> int:
@@ -213,7 +293,8 @@ def _write(inputs: Inputs, staging: Path, dtype: str, progress: ProgressCallback
         ProgressEvent(
             "merge",
             "done",
-            f"{plan.count(Action.MERGE)} merged, {plan.count(Action.COPY) + plan.count(Action.CONVERT)} copied",
+            f"{plan.count(Action.MERGE)} merged, {plan.count(Action.COPY) + plan.count(Action.CONVERT)} copied"
+            + (f", {plan.count(Action.REPLACE)} replaced" if plan.count(Action.REPLACE) else ""),
             elapsed=timings["merge"],
             tensors_done=total_tensors,
             tensors_total=total_tensors,
@@ -228,7 +309,7 @@ def _finish(inputs: Inputs, staging: Path, dtype: str) -> None:
     """Companion files, config.json, and a re-read of what was written before it may be published."""
     copy_companions(inputs.companions, staging)
     if inputs.base_config:
-        write_config(inputs.base_config, TORCH_DTYPE_NAMES[OUTPUT_DTYPES[dtype]], staging)
+        write_config(inputs.base_config, TORCH_DTYPE_NAMES[OUTPUT_DTYPES[dtype]], staging, inputs.plan.config_changes)
     _check_written(inputs.plan, staging)
 
 

@@ -1,54 +1,97 @@
-"""Decide, before any byte is written, what happens to every tensor: copy, convert, or merge, and where it goes.
+"""Decide, before any byte is written, what happens to every tensor: copy, convert, merge or replace, and where it goes.
 
-Pure: reads headers and configs only. Every error a user can cause through mismatched inputs is raised here,
-so a bad merge fails in a second, not after minutes of writing.
+Pure: reads headers and configs only (a comparison of two adapter tensors, where tying depends on it, is passed
+in). Every error a user can cause through mismatched inputs is raised here, so a bad merge fails in a second,
+not after minutes of writing.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .adapter.config import LoraConfig
-from .adapter.weights import PEFT_PREFIX, AdapterWeights, LoraPair
-from .checkpoint.format import FLOAT_DTYPES, TensorEntry
+from .adapter.weights import PEFT_PREFIX, AdapterTensor, AdapterWeights, LoraPair, Replacement, describe_key
+from .checkpoint.format import DTYPES, FLOAT_DTYPES, TensorEntry
 from .checkpoint.index import CheckpointIndex
 from .checkpoint.writer import OutputTensor, ShardLayout, plan_shards
-from .errors import ShapeMismatch, UnsupportedAdapter
-from .keymap import Loader, match_modules
-from .variants import is_transposed, lora_scaling, module_rank_alpha
+from .errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
+from .keymap import Loader, match_tensors
+from .variants import Layout, is_transposed, lora_scaling, module_rank_alpha
+
+log = logging.getLogger(__name__)
 
 OUTPUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+# Module names of a language model's input embedding and output head, as transformers names them.
+INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
+OUTPUT_HEADS = ("lm_head", "embed_out")
+DEFAULT_HEAD = "lm_head.weight"
+
+# Tells whether two adapter tensors hold the same values (the second transposed when asked).
+SameValues = Callable[[AdapterTensor, AdapterTensor, bool], bool]
 
 
 class Action(enum.Enum):
     COPY = "copy"  # bytes unchanged
     CONVERT = "convert"  # same values, another float dtype
-    MERGE = "merge"  # W + delta
+    MERGE = "merge"  # W + delta (W from the base, or from the adapter's replacement)
+    REPLACE = "replace"  # the adapter's tensor instead of the base's
 
 
 @dataclass(frozen=True)
 class LoraUpdate:
     pair: LoraPair
     scaling: float
-    transposed: bool
+    layout: Layout
+    round_delta: bool = False  # PEFT rounds the delta to the weight's dtype before adding it
+
+    @property
+    def transposed(self) -> bool:
+        return self.layout.transposed
+
+    @property
+    def dora(self) -> bool:
+        return self.pair.magnitude is not None
+
+    @property
+    def whole(self) -> bool:
+        """DoRA on Conv1D and Embedding weights takes column norms: the tensor is merged in one piece."""
+        return self.dora and self.layout.transposed
+
+
+@dataclass(frozen=True)
+class BiasUpdate:
+    """lora_bias=True: bias += scaling * lora_B.bias."""
+
+    tensor: AdapterTensor
+    scaling: float
 
 
 @dataclass(frozen=True)
 class TensorTask:
-    source: TensorEntry
     output: OutputTensor
     action: Action
-    update: LoraUpdate | None = None
+    source: TensorEntry | None = None  # the base tensor the values come from
+    replacement: Replacement | None = None  # or the adapter tensor that replaces it
+    update: LoraUpdate | BiasUpdate | None = None
+    held_dtype: str | None = None  # the dtype PEFT holds the weight in while it merges
+    adapter_keys: tuple[str, ...] = ()  # the adapter tensors this output uses
+    note: str = ""
 
 
 @dataclass(frozen=True)
 class MergePlan:
     tasks: tuple[TensorTask, ...]
     shards: tuple[ShardLayout, ...]
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    unused: tuple[str, ...] = ()  # adapter keys that update nothing (only with allow_unused)
+    tied_copies: tuple[str, ...] = ()  # adapter keys that mirror tied tensors already merged
 
     @property
     def output_bytes(self) -> int:
@@ -56,6 +99,45 @@ class MergePlan:
 
     def count(self, action: Action) -> int:
         return sum(1 for task in self.tasks if task.action is action)
+
+
+@dataclass(frozen=True)
+class CoverageRow:
+    """One adapter tensor and what it does to the output (`target` is empty when it updates nothing)."""
+
+    adapter_key: str
+    role: str
+    adapter_shape: tuple[int, ...]
+    target: str
+    target_shape: tuple[int, ...]
+    action: str
+
+
+def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
+    """Every adapter tensor -> the output tensor it changes, in adapter-file order."""
+    rows: dict[str, CoverageRow] = {}
+    for task in plan.tasks:
+        action = task.action.value + (f", {task.note}" if task.note else "")
+        if isinstance(task.update, LoraUpdate):
+            action += f", {task.update.layout.value}" + (" DoRA" if task.update.dora else "")
+        for key in task.adapter_keys:
+            rows[key] = CoverageRow(
+                key, describe_key(key), weights.shapes[key], task.output.name, task.output.shape, action
+            )
+    for key in plan.tied_copies:
+        rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), "tied copy of the embedding's")
+    for key in plan.unused:
+        rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), "unused (--allow-unused)")
+    return [rows[key] for key in weights.shapes if key in rows]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Where the base keeps its input embedding and output head, and whether they share one tensor."""
+
+    input: str | None
+    output: str | None
+    tied: bool
 
 
 def build_plan(
@@ -66,32 +148,296 @@ def build_plan(
     loader: Loader,
     dtype: str,
     max_shard_bytes: int,
+    allow_unused: bool = False,
+    same_values: SameValues | None = None,
 ) -> MergePlan:
-    """One task per base tensor, in the base's own order, so the input is read front to back."""
+    """One task per output tensor, in the base's own order, so the input is read front to back."""
     out_dtype = OUTPUT_DTYPES[dtype]
-    targets = match_modules(weights.pairs, base.tensors, loader, str(weights.path))
-    updates = {
-        target: _lora_update(weights.path, weights.pairs[module], base.tensors[target], config, base_config)
-        for module, target in targets.items()
-    }
+    adapter_file = str(weights.path)
+    _check_config_agrees(config, weights)
+    embeddings = find_embeddings(base, base_config)
+
+    lora_names = {f"{module}.weight": pair for module, pair in weights.pairs.items()}
+    names = list(lora_names) + list(weights.replacements)
+    matched = match_tensors(names, base.tensors, loader, adapter_file, optional=names)
+
+    unmatched = [name for name, target in matched.items() if target is None]
+    head = _tied_head(unmatched, embeddings)
+    replacements: dict[str, Replacement] = {}
+    keys: dict[str, list[str]] = {}
+    for name, replacement in weights.replacements.items():
+        target = matched[name]
+        if target is not None:
+            replacements[target] = replacement
+            keys.setdefault(target, []).append(replacement.key)
+    updates: dict[str, LoraUpdate | BiasUpdate] = {}
+    for name, pair in lora_names.items():
+        target = matched[name]
+        if target is None:
+            continue
+        entry = base.tensors[target]
+        updates[target] = _lora_update(weights.path, pair, entry, config, base_config, replacements.get(target))
+        keys.setdefault(target, []).extend(k for k in pair.keys if not k.endswith(".lora_B.bias"))
+        if pair.bias is not None:
+            bias_name = target.removesuffix(".weight") + ".bias"
+            bias_key = next(k for k in pair.keys if k.endswith(".lora_B.bias"))
+            bias_entry = base.tensors.get(bias_name)
+            if bias_entry is None:
+                raise UnsupportedAdapter(
+                    f"{adapter_file}: '{bias_key}' is a LoRA bias but base tensor '{target}' has no bias to add it to"
+                )
+            if bias_entry.shape != tuple(pair.bias.shape):
+                raise ShapeMismatch(
+                    f"{adapter_file}: '{bias_key}' is {tuple(pair.bias.shape)} but base tensor '{bias_name}' "
+                    f"is {bias_entry.shape}"
+                )
+            updates[bias_name] = BiasUpdate(pair.bias, _scaling(pair, config))
+            keys.setdefault(bias_name, []).append(bias_key)
+
     tasks = []
     for entry in base.tensors.values():
-        target_dtype = out_dtype if entry.dtype in FLOAT_DTYPES else entry.dtype
-        output = OutputTensor(entry.name, target_dtype, entry.shape)
-        update = updates.get(entry.name)
-        if update is not None:
-            action = Action.MERGE
-        elif target_dtype == entry.dtype:
-            action = Action.COPY
-        else:
-            action = Action.CONVERT
-        tasks.append(TensorTask(entry, output, action, update))
+        tasks.append(
+            _task(
+                entry,
+                entry.name,
+                out_dtype,
+                replacements.get(entry.name),
+                updates.get(entry.name),
+                tuple(keys.get(entry.name, ())),
+                embeddings,
+                base_config,
+                config,
+                weights.path,
+            )
+        )
+
+    changes: dict[str, Any] = {}
+    tied_copies: list[str] = []
+    if embeddings.tied and embeddings.input is not None:
+        head_pair = lora_names.get(head) if head else None
+        head_replacement = weights.replacements.get(head) if head else None
+        embed_touched = embeddings.input in updates or embeddings.input in replacements
+        head_keys = (head_pair.keys if head_pair else ()) + ((head_replacement.key,) if head_replacement else ())
+        if (
+            head_keys
+            and config.ensure_weight_tying
+            and _mirrors(
+                head_pair,
+                head_replacement,
+                updates.get(embeddings.input),
+                replacements.get(embeddings.input),
+                same_values,
+            )
+        ):
+            tied_copies.extend(head_keys)
+        elif head_keys or embed_touched:
+            entry = base.tensors[embeddings.input]
+            head_name = head or DEFAULT_HEAD
+            update = (
+                _lora_update(weights.path, head_pair, entry, config, base_config, head_replacement)
+                if head_pair
+                else None
+            )
+            task = _task(
+                entry,
+                head_name,
+                out_dtype,
+                head_replacement,
+                update,
+                head_keys,
+                embeddings,
+                base_config,
+                config,
+                weights.path,
+                note=f"untied from {entry.name}",
+            )
+            tasks.append(task)
+            changes["tie_word_embeddings"] = False
+    unused = []
+    for name in unmatched:
+        if name == head and embeddings.tied and embeddings.input is not None:
+            continue
+        if name in lora_names:
+            unused.extend(lora_names[name].keys)
+        if name in weights.replacements:
+            unused.append(weights.replacements[name].key)
+    if unused and not allow_unused:
+        first = unused[0]
+        more = f" (and {len(unused) - 1} more adapter tensors)" if len(unused) > 1 else ""
+        module = _module_of(first)
+        raise KeyMatchError(
+            f"{adapter_file}: module '{module}' matches no tensor of the base checkpoint ('{first}', "
+            f"{describe_key(first)}){more}; pass --allow-unused to merge without them"
+        )
+    for key in unused:
+        log.warning("%s: '%s' updates no tensor of the base checkpoint; left out (--allow-unused)", adapter_file, key)
+    _vocab_changes(tasks, base, embeddings, changes, weights.path)
     shards = plan_shards([task.output for task in tasks], max_shard_bytes)
-    return MergePlan(tasks=tuple(tasks), shards=tuple(shards))
+    return MergePlan(
+        tasks=tuple(tasks),
+        shards=tuple(shards),
+        config_changes=changes,
+        unused=tuple(unused),
+        tied_copies=tuple(tied_copies),
+    )
+
+
+def find_embeddings(base: CheckpointIndex, base_config: dict[str, Any]) -> Embeddings:
+    """The input embedding and output head tensors by their usual names; tied when the checkpoint has no head
+    (transformers does not save a tied head) and the config does not say otherwise."""
+    inputs = [n for n in base.tensors if _leaf_module(n) in INPUT_EMBEDDINGS and n.endswith(".weight")]
+    outputs = [n for n in base.tensors if _leaf_module(n) in OUTPUT_HEADS and n.endswith(".weight")]
+    # The shortest name is the language model's own (`model.embed_tokens`, not `mtp.layers.0.embed_tokens`).
+    input_name = min(inputs, key=lambda n: (n.count("."), n)) if inputs else None
+    output_name = min(outputs, key=lambda n: (n.count("."), n)) if outputs else None
+    tie = base_config.get("tie_word_embeddings")
+    text_tie = (base_config.get("text_config") or {}).get("tie_word_embeddings")
+    explicitly_untied = tie is False or (tie is None and text_tie is False)
+    return Embeddings(input_name, output_name, input_name is not None and output_name is None and not explicitly_untied)
+
+
+def _task(
+    entry: TensorEntry,
+    name: str,
+    out_dtype: str,
+    replacement: Replacement | None,
+    update: LoraUpdate | BiasUpdate | None,
+    adapter_keys: tuple[str, ...],
+    embeddings: Embeddings,
+    base_config: dict[str, Any],
+    config: LoraConfig,
+    adapter_path: Path,
+    note: str = "",
+) -> TensorTask:
+    target_dtype = out_dtype if entry.dtype in FLOAT_DTYPES else entry.dtype
+    shape = entry.shape
+    if replacement is not None:
+        if entry.dtype not in FLOAT_DTYPES:
+            raise UnsupportedAdapter(
+                f"{adapter_path}: '{replacement.key}' replaces '{entry.name}', which is stored as {entry.dtype}"
+            )
+        resizable = entry.name in (embeddings.input, embeddings.output) or name == DEFAULT_HEAD
+        if replacement.shape != shape and not (resizable and len(shape) == 2 and replacement.shape[1:] == shape[1:]):
+            raise ShapeMismatch(
+                f"{adapter_path}: '{replacement.key}' is {replacement.shape} but base tensor '{entry.name}' is {shape}"
+            )
+        shape = replacement.shape
+    output = OutputTensor(name, target_dtype, shape)
+    held = _held_dtype(entry.dtype, target_dtype)
+    if update is not None:
+        action = Action.MERGE
+    elif replacement is not None:
+        action = Action.REPLACE
+    elif target_dtype == entry.dtype:
+        action = Action.COPY
+    else:
+        action = Action.CONVERT
+    return TensorTask(output, action, entry, replacement, update, held, adapter_keys, note)
+
+
+def _held_dtype(base_dtype: str, out_dtype: str) -> str:
+    """PEFT merges in the dtype the model was loaded in: the base's, or a wider output dtype (the oracle for a
+    float32 output loads the model in float32)."""
+    if base_dtype not in FLOAT_DTYPES or DTYPES[out_dtype][1] <= DTYPES[base_dtype][1]:
+        return base_dtype
+    return out_dtype
+
+
+def _tied_head(unmatched: list[str], embeddings: Embeddings) -> str | None:
+    """The adapter's name for the output head of a tied base (which has no head tensor of its own)."""
+    if not embeddings.tied:
+        return None
+    heads = sorted({n for n in unmatched if _leaf_module(n) in OUTPUT_HEADS and n.endswith(".weight")})
+    return heads[0] if len(heads) == 1 else None
+
+
+def _mirrors(
+    head_pair: LoraPair | None,
+    head_replacement: Replacement | None,
+    embed_update: LoraUpdate | BiasUpdate | None,
+    embed_replacement: Replacement | None,
+    same_values: SameValues | None,
+) -> bool:
+    """Whether the head's adapter tensors are ensure_weight_tying's copies of the embedding's: a LoRA with
+    A = embedding B.T and B = embedding A.T (the same delta), on the same weight."""
+    if same_values is None:
+        return False
+    if (head_replacement is None) != (embed_replacement is None):
+        return False
+    if (
+        head_replacement is not None
+        and embed_replacement is not None
+        and not same_values(head_replacement.tensor, embed_replacement.tensor, False)
+    ):
+        return False
+    if head_pair is None:
+        return not isinstance(embed_update, LoraUpdate)
+    if not isinstance(embed_update, LoraUpdate) or embed_update.pair.magnitude is not None:
+        return False
+    embed_pair = embed_update.pair
+    return (
+        embed_pair.embedding
+        and head_pair.magnitude is None
+        and same_values(head_pair.a, embed_pair.b, True)
+        and same_values(head_pair.b, embed_pair.a, True)
+    )
+
+
+def _vocab_changes(
+    tasks: list[TensorTask], base: CheckpointIndex, embeddings: Embeddings, changes: dict[str, Any], path: Path
+) -> None:
+    """A resized embedding or head: config.json's vocab_size follows; the two must agree."""
+    rows = {
+        task.output.name: task.output.shape[0]
+        for task in tasks
+        if task.source is not None
+        and task.source.name in (embeddings.input, embeddings.output)
+        and task.output.shape != task.source.shape
+    }
+    if not rows:
+        return
+    sizes = {
+        task.output.name: task.output.shape[0]
+        for task in tasks
+        if task.source is not None and task.source.name in (embeddings.input, embeddings.output)
+    }
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"'{name}' has {n} rows" for name, n in sizes.items())
+        raise ShapeMismatch(f"{path}: the resized vocabulary disagrees between embedding and head: {shown}")
+    changes["vocab_size"] = next(iter(rows.values()))
+
+
+def _check_config_agrees(config: LoraConfig, weights: AdapterWeights) -> None:
+    """adapter_config.json and the weights must describe the same adapter: PEFT would silently drop the extra
+    tensors (DoRA magnitudes without use_dora) or invent the missing ones (use_dora without them)."""
+    for pair in weights.pairs.values():
+        if pair.magnitude is not None and not config.use_dora:
+            key = next(k for k in pair.keys if ".lora_magnitude_vector" in k)
+            raise AdapterFormatError(
+                f"{config.path}: use_dora is false but {weights.path.name} has DoRA magnitude '{key}'"
+            )
+        if pair.magnitude is None and config.use_dora:
+            raise AdapterFormatError(
+                f"{config.path}: use_dora is true but {weights.path.name} has no DoRA magnitude for "
+                f"'{PEFT_PREFIX}{pair.module}'"
+            )
+        if pair.bias is not None and not config.lora_bias:
+            key = next(k for k in pair.keys if k.endswith(".lora_B.bias"))
+            raise AdapterFormatError(f"{config.path}: lora_bias is false but {weights.path.name} has LoRA bias '{key}'")
+
+
+def _scaling(pair: LoraPair, config: LoraConfig) -> float:
+    r, alpha = module_rank_alpha(pair.module, config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern)
+    return lora_scaling(alpha, r, config.use_rslora)
 
 
 def _lora_update(
-    adapter_path: Path, pair: LoraPair, weight: TensorEntry, config: LoraConfig, base_config: dict[str, Any]
+    adapter_path: Path,
+    pair: LoraPair,
+    weight: TensorEntry,
+    config: LoraConfig,
+    base_config: dict[str, Any],
+    replacement: Replacement | None = None,
 ) -> LoraUpdate:
     key = f"{PEFT_PREFIX}{pair.module}"
     if weight.dtype not in FLOAT_DTYPES:
@@ -102,13 +448,34 @@ def _lora_update(
     r, alpha = module_rank_alpha(pair.module, config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern)
     if pair.rank != r:
         raise ShapeMismatch(f"{adapter_path}: '{key}' has rank {pair.rank} but adapter_config.json gives it r={r}")
-    out_features, in_features = int(pair.b.shape[0]), int(pair.a.shape[1])
-    transposed = is_transposed(
-        weight.shape, out_features, in_features, config.fan_in_fan_out, base_config.get("model_type")
-    )
-    if transposed is None:
+    shape = replacement.shape if replacement is not None else weight.shape
+    rows, cols = pair.weight_shape
+    if pair.embedding:
+        layout: Layout | None = Layout.EMBEDDING if shape == (rows, cols) else None
+    else:
+        transposed = is_transposed(shape, rows, cols, config.fan_in_fan_out, base_config.get("model_type"))
+        layout = None if transposed is None else Layout.CONV1D if transposed else Layout.LINEAR
+    if layout is None:
+        what = "an embedding" if pair.embedding else "a"
         raise ShapeMismatch(
-            f"{adapter_path}: '{key}' updates a ({out_features}, {in_features}) weight but base tensor "
-            f"'{weight.name}' is {weight.shape}"
+            f"{adapter_path}: '{key}' updates {what} ({rows}, {cols}) weight but base tensor '{weight.name}' is {shape}"
         )
-    return LoraUpdate(pair=pair, scaling=lora_scaling(alpha, r, config.use_rslora), transposed=transposed)
+    return LoraUpdate(
+        pair=pair,
+        scaling=lora_scaling(alpha, r, config.use_rslora),
+        layout=layout,
+        round_delta=layout is Layout.EMBEDDING or config.round_delta,
+    )
+
+
+def _leaf_module(name: str) -> str:
+    parts = name.split(".")
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def _module_of(key: str) -> str:
+    name = key.removeprefix(PEFT_PREFIX)
+    for marker in (".lora_", ".base_layer.", ".modules_to_save."):
+        if marker in name:
+            return name.split(marker)[0]
+    return name.rpartition(".")[0] or name

@@ -1,4 +1,4 @@
-"""Execute a merge plan: read each base tensor, copy, convert or merge it, and stream it into the writer."""
+"""Execute a merge plan: read each tensor, copy, convert, replace or merge it, and stream it into the writer."""
 
 from __future__ import annotations
 
@@ -6,12 +6,22 @@ from collections.abc import Callable
 
 import torch
 
-from .adapter.weights import load_factor
-from .checkpoint.format import DTYPES
+from .adapter.weights import AdapterTensor, load_factor, read_tensor
+from .checkpoint.format import DTYPES, TensorEntry
 from .checkpoint.reader import TensorReader
 from .checkpoint.writer import CheckpointWriter
-from .plan import Action, MergePlan, TensorTask
-from .variants import MIN_BLOCK_ROWS, BlockingCheck, factor_dtype, linear_delta_rows, merge_rows_into
+from .plan import Action, BiasUpdate, LoraUpdate, MergePlan, TensorTask
+from .variants import (
+    MIN_BLOCK_ROWS,
+    BlockingCheck,
+    bias_delta,
+    dora_rows_into,
+    dora_whole,
+    factor_dtype,
+    held_weight,
+    linear_delta_rows,
+    merge_rows_into,
+)
 
 # Converting dtypes goes in pieces of this many bytes so a 1 GB embedding never sits in memory whole.
 CONVERT_CHUNK_BYTES = 64 << 20
@@ -46,52 +56,125 @@ def run_plan(plan: MergePlan, reader: TensorReader, writer: CheckpointWriter, on
     for task in plan.tasks:
         writer.begin(task.output.name)
         if task.action is Action.COPY:
+            assert task.source is not None
             writer.copy_from(reader.fd(task.source.file), task.source.start, task.source.nbytes)
         elif task.action is Action.CONVERT:
-            _convert(task, reader, writer, workspace)
+            assert task.source is not None
+            _convert(task.source, task.output.dtype, reader, writer, workspace)
+        elif task.action is Action.REPLACE:
+            _replace(task, reader, writer, workspace)
         else:
             _merge(task, reader, writer, workspace, blocking)
         writer.end()
         on_tensor(task, writer.bytes_written)
 
 
-def _convert(task: TensorTask, reader: TensorReader, writer: CheckpointWriter, workspace: Workspace) -> None:
-    source = task.source
+def _convert(
+    source: TensorEntry, out_dtype_name: str, reader: TensorReader, writer: CheckpointWriter, workspace: Workspace
+) -> None:
     in_dtype, in_size = DTYPES[source.dtype]
-    out_dtype, out_size = DTYPES[task.output.dtype]
+    out_dtype, out_size = DTYPES[out_dtype_name]
     step = max(CONVERT_CHUNK_BYTES // in_size, 1) * in_size
     for offset in range(0, source.nbytes, step):
         count = min(step, source.nbytes - offset)
         piece = workspace.take("input", count)
         reader.read_bytes_into(source.file, source.start + offset, piece)
+        if in_dtype == out_dtype:
+            writer.write(memoryview(piece.numpy()))
+            continue
         converted = workspace.take("output", count // in_size * out_size)
         converted.view(out_dtype).copy_(piece.view(in_dtype))
         writer.write(memoryview(converted.numpy()))
 
 
+def _replace(task: TensorTask, reader: TensorReader, writer: CheckpointWriter, workspace: Workspace) -> None:
+    """The adapter's tensor, rounded once to the output dtype."""
+    assert task.replacement is not None
+    tensor = task.replacement.tensor
+    if isinstance(tensor, TensorEntry):
+        _convert(tensor, task.output.dtype, reader, writer, workspace)
+    else:
+        _write_tensor(tensor, task, writer, workspace)
+
+
 def _merge(
     task: TensorTask, reader: TensorReader, writer: CheckpointWriter, workspace: Workspace, blocking: BlockingCheck
 ) -> None:
-    """Merge one weight block of rows at a time: read the rows, add their delta, round, write."""
+    """Merge one weight: a bias or a whole tensor at once where the math needs it, else a block of rows at a time."""
     update = task.update
-    assert update is not None
-    source = task.source
+    if isinstance(update, BiasUpdate):
+        weight = _held_source(task, reader)
+        delta = bias_delta(load_factor(update.tensor, reader), update.scaling)
+        out = torch.empty(task.output.shape, dtype=DTYPES[task.output.dtype][0])
+        merge_rows_into(weight, delta, torch.empty(weight.numel()), out)
+        _write_tensor(out, task, writer, workspace)
+        return
+    assert isinstance(update, LoraUpdate)
     a = load_factor(update.pair.a, reader)
     b = load_factor(update.pair.b, reader)
     compute = factor_dtype(a.dtype, b.dtype)
     a, b = a.to(compute), b.to(compute)
-    in_dtype, in_size = DTYPES[source.dtype]
+    magnitude = load_factor(update.pair.magnitude, reader) if update.pair.magnitude is not None else None
+    if update.whole:
+        assert magnitude is not None
+        merged = dora_whole(_held_source(task, reader), a, b, update.scaling, magnitude, update.layout)
+        _write_tensor(merged, task, writer, workspace)
+        return
+    rows, cols = task.output.shape
+    step = blocking.rows_per_block(rows, cols, a, b, update.transposed, dora=magnitude is not None)
     out_dtype, out_size = DTYPES[task.output.dtype]
-    rows, cols = source.shape
-    step = blocking.rows_per_block(rows, cols, a, b, update.transposed)
+    held = DTYPES[task.held_dtype][0] if task.held_dtype else None
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         n = stop - start
-        raw = workspace.take("input", n * cols * in_size)
-        reader.read_bytes_into(source.file, source.start + start * cols * in_size, raw)
+        weight = _source_rows(task, start, stop, reader, workspace)
         scratch = workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
         delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch)
         upcast = workspace.take("upcast", n * cols * 4).view(torch.float32)
-        merged = workspace.take("output", n * cols * out_size)
-        merge_rows_into(raw.view(in_dtype).view(n, cols), delta, upcast, merged.view(out_dtype).view(n, cols))
-        writer.write(memoryview(merged.numpy()))
+        raw = workspace.take("output", n * cols * out_size)
+        merged = raw.view(out_dtype).view(n, cols)
+        if magnitude is not None:
+            dora_rows_into(weight, delta, magnitude[start:stop], upcast, merged)
+        else:
+            merge_rows_into(weight, delta, upcast, merged, round_delta_to=held if update.round_delta else None)
+        writer.write(memoryview(raw.numpy()))
+
+
+def _source_rows(task: TensorTask, start: int, stop: int, reader: TensorReader, workspace: Workspace) -> torch.Tensor:
+    """Rows [start, stop) of the weight being merged, as PEFT holds them: the base's, or the adapter's
+    replacement rounded to the dtype the model was loaded in."""
+    cols = task.output.shape[1]
+    tensor: AdapterTensor = task.replacement.tensor if task.replacement is not None else task.source  # type: ignore[assignment]
+    if isinstance(tensor, TensorEntry):
+        dtype, size = DTYPES[tensor.dtype]
+        raw = workspace.take("input", (stop - start) * cols * size)
+        reader.read_bytes_into(tensor.file, tensor.start + start * cols * size, raw)
+        rows = raw.view(dtype).view(stop - start, cols)
+    else:
+        rows = tensor[start:stop]
+    if task.replacement is not None and task.held_dtype is not None:
+        rows = held_weight(rows, DTYPES[task.held_dtype][0])
+    return rows
+
+
+def _held_source(task: TensorTask, reader: TensorReader) -> torch.Tensor:
+    """The whole weight being merged, in the dtype PEFT holds it in."""
+    if task.replacement is not None:
+        weight = read_tensor(task.replacement.tensor, reader)
+    else:
+        assert task.source is not None
+        weight = reader.read(task.source)
+    return held_weight(weight, DTYPES[task.held_dtype][0]) if task.held_dtype else weight
+
+
+def _write_tensor(values: torch.Tensor, task: TensorTask, writer: CheckpointWriter, workspace: Workspace) -> None:
+    """Round a tensor held in memory to the output dtype and write it in row-major order, a chunk at a time."""
+    out_dtype, out_size = DTYPES[task.output.dtype]
+    flat_rows = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.view(-1, 1)
+    cols = flat_rows.shape[1]
+    step = max(CONVERT_CHUNK_BYTES // max(cols * out_size, 1), 1)
+    for start in range(0, flat_rows.shape[0], step):
+        stop = min(flat_rows.shape[0], start + step)
+        raw = workspace.take("output", (stop - start) * cols * out_size)
+        raw.view(out_dtype).view(stop - start, cols).copy_(flat_rows[start:stop])
+        writer.write(memoryview(raw.numpy()))

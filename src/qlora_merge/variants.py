@@ -3,10 +3,22 @@
 Every formula here mirrors what PEFT's `merge_and_unload()` computes, operation for operation, because equal
 results need equal float32 operations in the same order: delta = (B @ A) [transposed] * scaling, computed in
 float32 (PEFT upcasts adapter weights on load), added to the base weight in float32, rounded once.
+
+The layer kinds differ only in small ways, each copied from PEFT 0.21 (`tuners/lora/layer.py`, `variants.py`,
+`dora.py`):
+
+- Linear, W (out, in): W += s * B @ A.
+- Conv1D (GPT-2, fan_in_fan_out), W (in, out): W += s * (B @ A).T.
+- Embedding, A (r, num), B (dim, r), W (num, dim): W += round(s * (B @ A).T): PEFT rounds the delta to the
+  weight's dtype before adding it (`.to(orig_dtype)`), the one place it rounds twice.
+- DoRA: V = W + delta; W' = m / ||V|| * V, the norm taken per output row for Linear (so it can be merged in row
+  blocks) and per column of the stored weight for Conv1D and Embedding (so those are merged whole).
+- lora_bias: bias += s * lora_B.bias.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import re
@@ -24,6 +36,18 @@ MIN_BLOCK_ROWS = 16
 
 # Architectures whose projection layers are transformers' Conv1D, which stores weights as (in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+class Layout(enum.Enum):
+    """How a LoRA delta lies on the weight it updates."""
+
+    LINEAR = "linear"  # W (out, in), delta B @ A
+    CONV1D = "conv1d"  # W (in, out), delta (B @ A).T
+    EMBEDDING = "embedding"  # W (num, dim), delta (B @ A).T, rounded to W's dtype before the add
+
+    @property
+    def transposed(self) -> bool:
+        return self is not Layout.LINEAR
 
 
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
@@ -98,20 +122,86 @@ def linear_delta_rows(
     return (product.T if transposed else product)[start - lo :]
 
 
-def merge_rows_into(weight: torch.Tensor, delta: torch.Tensor, upcast: torch.Tensor, out: torch.Tensor) -> None:
+def merge_rows_into(
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    upcast: torch.Tensor,
+    out: torch.Tensor,
+    round_delta_to: torch.dtype | None = None,
+) -> None:
     """out <- W + delta for a block of rows: summed in float32 (float64 if either side is), rounded once.
 
     `delta` is overwritten. Adding W to the delta rather than the delta to W gives the same bits (IEEE addition
     is commutative). W is first widened into the float32 buffer `upcast`: an in-place float32 += bfloat16 takes
-    a slow mixed-dtype path, about eight times slower than the copy and the add together.
+    a slow mixed-dtype path, about eight times slower than the copy and the add together. `round_delta_to` rounds
+    the delta to that dtype first, as PEFT's embedding merge does (`W += delta.to(W.dtype)`).
     """
+    if round_delta_to is not None and round_delta_to != delta.dtype:
+        delta.copy_(delta.to(round_delta_to))
     if delta.dtype == torch.float32 and weight.dtype != torch.float64:
-        if weight.dtype != torch.float32:
-            weight = upcast[: weight.numel()].view(weight.shape).copy_(weight)
-        out.copy_(delta.add_(weight))
+        out.copy_(delta.add_(_widened(weight, upcast)))
         return
     # PEFT adds a float32 delta to a float64 weight, or a float64 delta to any weight, in float64.
     out.copy_(weight.double() + delta.double())
+
+
+def dora_rows_into(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, upcast: torch.Tensor, out: torch.Tensor
+) -> None:
+    """out <- DoRA's merged rows of a Linear weight: V = W + delta, then (m / ||V||_row)[:, None] * V.
+
+    PEFT's DoraLinearVariant.merge: the norm is `torch.linalg.norm(W + 1 * delta, dim=1)`, a reduction along each
+    contiguous row on its own, so a block of rows gets the same norms as the whole weight (tests/test_dora.py and
+    BlockingCheck verify it). `delta` is overwritten with V.
+    """
+    if delta.dtype == torch.float32 and weight.dtype != torch.float64:
+        v = delta.add_(_widened(weight, upcast))
+    else:
+        v = weight + delta
+    factor = magnitude / torch.linalg.norm(v, dim=1).to(v.dtype)
+    out.copy_(v.mul_(factor.view(-1, 1)))
+
+
+def dora_whole(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor, layout: Layout
+) -> torch.Tensor:
+    """The DoRA-merged weight, whole and unrounded, computed with PEFT's own expressions.
+
+    For Conv1D and Embedding the norm runs down the columns of the stored weight; which reduction kernel sums
+    them, and in which order, depends on the memory layout of its input, so the layouts are PEFT's too: `weight`
+    is the weight as PEFT holds it (contiguous, in its load dtype), the delta is `(B @ A).T * s` as
+    `get_delta_weight` makes it, and the norm's input is `W.T + delta.T` as `get_weight_norm` builds it (PEFT's
+    `1 * delta.T` has the same values and layout as `delta.T`). W + delta is computed once and reused for the
+    product: the same sums, so the same bits.
+    """
+    if layout is Layout.LINEAR:
+        delta = (b @ a) * scaling
+        v = weight + delta
+        del delta
+        factor = magnitude / torch.linalg.norm(v, dim=1).to(v.dtype)
+        return v.mul_(factor.view(-1, 1))
+    delta = (b @ a).T * scaling
+    v_t = weight.T + delta.T
+    del delta
+    factor = magnitude / torch.linalg.norm(v_t, dim=1).to(v_t.dtype)
+    return v_t.mul_(factor.view(-1, 1)).T
+
+
+def bias_delta(lora_bias: torch.Tensor, scaling: float) -> torch.Tensor:
+    """lora_bias=True: PEFT merges `bias += lora_B.bias * scaling`."""
+    return lora_bias * scaling
+
+
+def held_weight(weight: torch.Tensor, held_dtype: torch.dtype) -> torch.Tensor:
+    """A tensor PEFT would first load into a parameter of `held_dtype` (a float32 modules_to_save tensor going into
+    a bfloat16 model), rounded the way that copy rounds it."""
+    return weight if weight.dtype == held_dtype else weight.to(held_dtype)
+
+
+def _widened(weight: torch.Tensor, upcast: torch.Tensor) -> torch.Tensor:
+    if weight.dtype == torch.float32:
+        return weight
+    return upcast[: weight.numel()].view(weight.shape).copy_(weight)
 
 
 class BlockingCheck:
@@ -125,7 +215,10 @@ class BlockingCheck:
     def __init__(self) -> None:
         self._verdicts: dict[tuple[object, ...], bool] = {}
 
-    def rows_per_block(self, rows: int, cols: int, a: torch.Tensor, b: torch.Tensor, transposed: bool) -> int:
+    def rows_per_block(
+        self, rows: int, cols: int, a: torch.Tensor, b: torch.Tensor, transposed: bool, dora: bool = False
+    ) -> int:
+        """Rows per block for this shape; `dora` also checks DoRA's row norms, blocked against whole."""
         wanted = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(cols, 1))
         if wanted >= rows:
             return rows
@@ -135,18 +228,26 @@ class BlockingCheck:
         proxy_rows = min(rows, 2 * wanted + (rows % wanted or wanted))
         a_shape = (a.shape[0], proxy_rows) if transposed else tuple(a.shape)
         b_shape = tuple(b.shape) if transposed else (proxy_rows, b.shape[1])
-        key = (a_shape, b_shape, a.dtype, transposed, wanted)
+        key = (a_shape, b_shape, a.dtype, transposed, wanted, dora)
         if key not in self._verdicts:
-            self._verdicts[key] = blocks_match_whole(a_shape, b_shape, a.dtype, transposed, wanted)
+            self._verdicts[key] = blocks_match_whole(a_shape, b_shape, a.dtype, transposed, wanted, dora)
             if not self._verdicts[key]:
                 log.info("blocked LoRA products differ from whole ones for A%s B%s; merging whole", a.shape, b.shape)
         return wanted if self._verdicts[key] else rows
 
 
 def blocks_match_whole(
-    a_shape: tuple[int, ...], b_shape: tuple[int, ...], dtype: torch.dtype, transposed: bool, rows_per_block: int
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    transposed: bool,
+    rows_per_block: int,
+    dora: bool = False,
 ) -> bool:
-    """Compute B @ A whole and in blocks of `rows_per_block` weight rows on random factors; True if bit-identical."""
+    """Compute B @ A whole and in blocks of `rows_per_block` weight rows on random factors; True if bit-identical.
+
+    With `dora`, the row norms of W + delta too (random W), blocked against whole.
+    """
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(a_shape, generator=generator, dtype=dtype)
     b = torch.randn(b_shape, generator=generator, dtype=dtype)
@@ -154,9 +255,16 @@ def blocks_match_whole(
     if transposed:
         whole = whole.T
     rows, cols = whole.shape
+    weight = torch.randn(rows, cols, generator=generator, dtype=dtype) if dora else None
+    whole_norm = torch.linalg.norm(weight + whole, dim=1) if weight is not None else None
     scratch = torch.empty(max(rows_per_block, MIN_BLOCK_ROWS) * cols, dtype=dtype)
     for start in range(0, rows, rows_per_block):
         stop = min(rows, start + rows_per_block)
-        if not torch.equal(linear_delta_rows(a, b, 1.0, transposed, start, stop, scratch), whole[start:stop]):
+        block = linear_delta_rows(a, b, 1.0, transposed, start, stop, scratch)
+        if not torch.equal(block, whole[start:stop]):
             return False
+        if weight is not None and whole_norm is not None:
+            norm = torch.linalg.norm(weight[start:stop] + block, dim=1)
+            if not torch.equal(norm, whole_norm[start:stop]):
+                return False
     return True

@@ -17,6 +17,78 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 
+# Every field of PEFT's LoraConfig up to 0.21, and a few older ones. A field not listed here comes from a PEFT
+# newer than this tool: it is reported (it may change what the merge means) but does not stop the merge.
+KNOWN_FIELDS = frozenset(
+    {
+        "alora_invocation_tokens",
+        "alpha_pattern",
+        "arrow_config",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "bias",
+        "corda_config",
+        "ensure_weight_tying",
+        "eva_config",
+        "exclude_modules",
+        "fan_in_fan_out",
+        "inference_mode",
+        "init_lora_weights",
+        "kasa_config",
+        "layer_replication",
+        "layers_pattern",
+        "layers_to_transform",
+        "loftq_config",
+        "lora_alpha",
+        "lora_bias",
+        "lora_dropout",
+        "lora_ga_config",
+        "megatron_config",
+        "megatron_core",
+        "modules_to_save",
+        "monteclora_config",
+        "peft_type",
+        "peft_version",
+        "qalora_group_size",
+        "r",
+        "rank_pattern",
+        "revision",
+        "runtime_config",
+        "target_modules",
+        "target_parameters",
+        "task_type",
+        "trainable_token_indices",
+        "use_bdlora",
+        "use_dora",
+        "use_qalora",
+        "use_rslora",
+        "velora_config",
+        # older PEFT versions
+        "enable_lora",
+        "lora_embedding_init",
+        "use_original_init",
+        "modules_to_tie",
+        "target_modules_to_tie",
+    }
+)
+# LoRA variants whose merge is not W + scale * B @ A (or DoRA): refused by name rather than merged wrongly.
+UNSUPPORTED_VARIANTS = {
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "target_parameters": "LoRA on parameters (target_parameters, MoE experts)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "megatron_config": "Megatron parallel LoRA (megatron_config)",
+}
+# init_lora_weights values that rewrite the base weights when training starts: the adapter is relative to that
+# residual model, not to the base on disk, unless PEFT converted it on save (which resets the field to true).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -30,13 +102,18 @@ class LoraConfig:
     use_dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
+    ensure_weight_tying: bool = False
+    round_delta: bool = False  # MiCA merges `W += delta.to(W.dtype)`, rounding the delta first
     target_modules: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] | None = None
     base_model_name_or_path: str | None = None
 
 
 def read_adapter_config(directory: Path) -> LoraConfig:
-    """Read and validate `directory/adapter_config.json`; refuse PEFT types and features not merged here."""
+    """Read and validate `directory/adapter_config.json`; refuse PEFT types and features not merged here.
+
+    Missing fields take PEFT's defaults; unknown ones (from a newer PEFT) are logged in one warning line.
+    """
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise InputNotFound(f"{path}: adapter_config.json not found (is '{directory}' a PEFT adapter directory?)")
@@ -51,10 +128,21 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         raise UnsupportedAdapter(
             f"{path}: peft_type {_short(peft_type)} is not supported; qlora-merge merges LORA adapters"
         )
-    if raw.get("layer_replication"):
-        raise UnsupportedAdapter(f"{path}: layer_replication is not supported yet")
-    if raw.get("use_dora"):
-        raise UnsupportedAdapter(f"{path}: DoRA adapters (use_dora: true) are not supported yet")
+    for name, what in UNSUPPORTED_VARIANTS.items():
+        if raw.get(name):
+            raise UnsupportedAdapter(f"{path}: {what} is not supported yet; qlora-merge cannot merge this adapter")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise UnsupportedAdapter(
+            f"{path}: init_lora_weights={init!r} trains against a rewritten base, so merging into the original base "
+            "would be wrong; re-save the adapter with PEFT's path_initial_model_for_weight_conversion"
+        )
+    unknown = sorted(set(raw) - KNOWN_FIELDS)
+    if unknown:
+        log.warning("%s: unknown adapter_config.json fields ignored (newer PEFT?): %s", path, ", ".join(unknown))
+    bias = raw.get("bias", "none")
+    if bias not in ("none", "all", "lora_only"):
+        raise AdapterFormatError(f"{path}: 'bias' must be 'none', 'all' or 'lora_only', got {_short(bias)}")
     target_modules = raw.get("target_modules")
     modules_to_save = raw.get("modules_to_save")
     return LoraConfig(
@@ -65,9 +153,11 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         rank_pattern={k: _positive_int(path, f"rank_pattern[{k!r}]", v) for k, v in _dict(path, raw, "rank_pattern")},
         alpha_pattern={k: _finite(path, f"alpha_pattern[{k!r}]", v) for k, v in _dict(path, raw, "alpha_pattern")},
         fan_in_fan_out=_bool(path, "fan_in_fan_out", raw.get("fan_in_fan_out", False)),
-        use_dora=False,
-        bias=str(raw.get("bias", "none")),
+        use_dora=_bool(path, "use_dora", raw.get("use_dora", False)),
+        bias=bias,
         lora_bias=_bool(path, "lora_bias", raw.get("lora_bias", False)),
+        ensure_weight_tying=_bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False)),
+        round_delta=isinstance(init, str) and init.lower() == "mica",
         target_modules=tuple(target_modules) if isinstance(target_modules, list) else target_modules,
         modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, list) else None,
         base_model_name_or_path=raw.get("base_model_name_or_path"),

@@ -1,12 +1,17 @@
-"""Adapter weight files -> LoRA pairs per module, with every key accounted for.
+"""Adapter weight files -> LoRA modules and replacement tensors, with every key accounted for.
 
-PEFT saves `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`; anything else in the file is a feature
+PEFT saves, under `base_model.model.`: the LoRA factors of each adapted module (`<module>.lora_A.weight`,
+`.lora_B.weight`, `.lora_B.bias` with lora_bias, `.lora_embedding_A`/`_B` on embeddings, `.lora_magnitude_vector`
+with DoRA), and whole tensors that replace the base's: `modules_to_save` modules (`lm_head.weight`), trained biases
+(`bias="all"|"lora_only"`, saved as `<module>.base_layer.bias` on adapted modules) and embedding layers
+(`embed_tokens.base_layer.weight` with save_embedding_layers, resized ones included). Anything else is a feature
 that needs its own merge rule, so it is reported by what it is rather than skipped.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,21 @@ from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, S
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+FLOAT_NAMES = ("F32", "F16", "BF16", "F64")
+
+# Suffix of an adapter key -> which part of a LoRA module it is. Older PEFT saved the DoRA magnitude with `.weight`.
+LORA_PARTS = {
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "embedding_a",
+    ".lora_embedding_B": "embedding_b",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+# Wrappers PEFT puts around a module, which a saved key may still name: `<module>.base_layer.weight` is the
+# module's own weight; old files kept `<module>.modules_to_save.<adapter>.weight`.
+_WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.[^.]+)(?=\.)")
 
 # A tensor of the adapter file: lazily read from a safetensors file, or already in memory from a .bin file.
 AdapterTensor = TensorEntry | torch.Tensor
@@ -27,21 +47,56 @@ AdapterTensor = TensorEntry | torch.Tensor
 
 @dataclass(frozen=True)
 class LoraPair:
-    """The two low-rank factors of one adapted module: A (r, in) and B (out, r)."""
+    """One adapted module: factors A and B, and optionally a LoRA bias and a DoRA magnitude.
+
+    Linear-style modules have A (r, in) and B (out, r); embeddings (`embedding=True`) have A (r, num_embeddings)
+    and B (embedding_dim, r), and update the (num_embeddings, embedding_dim) weight with (B @ A).T.
+    """
 
     module: str
     a: AdapterTensor
     b: AdapterTensor
+    embedding: bool = False
+    bias: AdapterTensor | None = None
+    magnitude: AdapterTensor | None = None
+    keys: tuple[str, ...] = ()
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The (rows, columns) of the weight as PEFT's layer sees it: (out, in), or (num, dim) for embeddings."""
+        if self.embedding:
+            return int(self.a.shape[1]), int(self.b.shape[0])
+        return int(self.b.shape[0]), int(self.a.shape[1])
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A whole tensor saved in the adapter that replaces the base's: `name` is the tensor as the adapter's model
+    named it (`lm_head.weight`, `model.embed_tokens.weight`, `...q_proj.bias`)."""
+
+    name: str
+    key: str
+    tensor: AdapterTensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(n) for n in self.tensor.shape)
+
+    @property
+    def dtype(self) -> str:
+        return _dtype_name(self.tensor)
 
 
 @dataclass(frozen=True)
 class AdapterWeights:
     path: Path
     pairs: dict[str, LoraPair]
+    replacements: dict[str, Replacement]
+    shapes: dict[str, tuple[int, ...]]  # every key of the file and its shape
 
 
 def find_weights_file(directory: Path) -> Path:
@@ -56,71 +111,117 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
     tensors = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
     if not tensors:
         raise AdapterFormatError(f"{path}: the adapter file contains no tensors")
-    halves: dict[str, dict[str, AdapterTensor]] = {}
-    unsupported: list[str] = []
+    parts: dict[str, dict[str, tuple[str, AdapterTensor]]] = {}
+    replacements: dict[str, Replacement] = {}
     for key, tensor in tensors.items():
-        module_key = key.removeprefix(PEFT_PREFIX)
-        for half in ("A", "B"):
-            suffix = f".lora_{half}.weight"
-            if module_key.endswith(suffix):
-                halves.setdefault(module_key.removesuffix(suffix), {})[half] = tensor
+        name = key.removeprefix(PEFT_PREFIX)
+        for suffix, part in LORA_PARTS.items():
+            if name.endswith(suffix):
+                module = name.removesuffix(suffix)
+                if part in parts.get(module, {}):
+                    raise AdapterFormatError(f"{path}: '{key}' and '{parts[module][part][0]}' are the same tensor")
+                parts.setdefault(module, {})[part] = (key, tensor)
                 break
         else:
-            unsupported.append(key)
-    if unsupported:
-        first = unsupported[0]
-        more = f" (and {len(unsupported) - 1} more)" if len(unsupported) > 1 else ""
-        raise UnsupportedAdapter(f"{path}: '{first}' is {describe_key(first)}, not merged yet{more}")
-    pairs = {}
-    for module, found in halves.items():
-        if set(found) != {"A", "B"}:
-            missing = ({"A", "B"} - set(found)).pop()
-            raise AdapterFormatError(f"{path}: '{PEFT_PREFIX}{module}.lora_{missing}.weight' is missing")
-        pairs[module] = _checked_pair(path, module, found["A"], found["B"])
-    return AdapterWeights(path=path, pairs=pairs)
+            if "trainable_tokens" in name:
+                raise UnsupportedAdapter(
+                    f"{path}: '{key}' is a trainable-token delta (trainable_token_indices), not merged yet"
+                )
+            if ".lora_" in name or name.startswith("lora_"):
+                raise UnsupportedAdapter(f"{path}: '{key}' is an unknown LoRA tensor; qlora-merge cannot merge it")
+            target = _WRAPPERS.sub("", name)
+            if target in replacements:
+                raise AdapterFormatError(f"{path}: '{key}' and '{replacements[target].key}' both replace '{target}'")
+            _check_float(path, key, tensor)
+            replacements[target] = Replacement(name=target, key=key, tensor=tensor)
+    pairs = {module: _checked_pair(path, module, found) for module, found in parts.items()}
+    shapes = {key: tuple(int(n) for n in tensor.shape) for key, tensor in tensors.items()}
+    return AdapterWeights(path=path, pairs=pairs, replacements=replacements, shapes=shapes)
 
 
 def describe_key(key: str) -> str:
-    """Name the PEFT feature an adapter key belongs to, for error messages."""
-    if key.endswith("lora_magnitude_vector") or ".lora_magnitude_vector." in key:
-        return "a DoRA magnitude vector (use_dora)"
-    if ".lora_embedding_" in key:
-        return "an embedding LoRA factor"
-    if ".lora_B.bias" in key:
-        return "a LoRA bias (lora_bias=True)"
-    if "trainable_tokens" in key:
-        return "a trainable-token delta (trainable_token_indices)"
-    if key.endswith(".bias"):
-        return "a trained bias (bias='all' or 'lora_only')"
-    if ".lora_" in key:
-        return "an unknown LoRA tensor"
-    return "a full replacement tensor (modules_to_save or saved embedding layers)"
+    """Name the PEFT feature an adapter key belongs to, for coverage reports."""
+    name = key.removeprefix(PEFT_PREFIX)
+    if ".lora_magnitude_vector" in name:
+        return "DoRA magnitude"
+    if ".lora_embedding_" in name:
+        return "embedding LoRA factor"
+    if name.endswith(".lora_B.bias"):
+        return "LoRA bias (lora_bias)"
+    if ".lora_A." in name or ".lora_B." in name:
+        return "LoRA factor"
+    if name.endswith(".bias"):
+        return "trained bias"
+    if ".base_layer." in name:
+        return "saved embedding layer"
+    return "modules_to_save tensor"
 
 
-def _checked_pair(path: Path, module: str, a: AdapterTensor, b: AdapterTensor) -> LoraPair:
+def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTensor]]) -> LoraPair:
+    key = f"{PEFT_PREFIX}{module}"
+    embedding = "embedding_a" in found or "embedding_b" in found
+    if embedding and ("a" in found or "b" in found):
+        raise AdapterFormatError(f"{path}: '{key}' has both lora_A/lora_B and lora_embedding_A/B factors")
+    names = ("embedding_a", "embedding_b") if embedding else ("a", "b")
+    for part, suffix in zip(names, ("A", "B"), strict=True):
+        if part not in found:
+            missing = f"lora_embedding_{suffix}" if embedding else f"lora_{suffix}.weight"
+            present = ", ".join(f"'{k}'" for k, _ in found.values())
+            raise AdapterFormatError(f"{path}: '{key}.{missing}' is missing (the file has {present})")
+    a, b = found[names[0]][1], found[names[1]][1]
     if len(a.shape) == len(b.shape) and len(a.shape) in (3, 4, 5):
         raise UnsupportedAdapter(
-            f"{path}: '{PEFT_PREFIX}{module}' has {len(a.shape)}-D LoRA factors (convolution LoRA), not merged yet"
+            f"{path}: '{key}' has {len(a.shape)}-D LoRA factors (convolution LoRA), not merged yet"
         )
     if len(a.shape) != 2 or len(b.shape) != 2:
         raise AdapterFormatError(
-            f"{path}: '{PEFT_PREFIX}{module}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not matrices"
+            f"{path}: '{key}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not matrices"
         )
     if a.shape[0] != b.shape[1]:
-        raise ShapeMismatch(
-            f"{path}: '{PEFT_PREFIX}{module}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on rank"
-        )
-    for tensor, half in ((a, "A"), (b, "B")):
-        dtype = tensor.dtype if isinstance(tensor, TensorEntry) else TORCH_TO_NAME.get(tensor.dtype)
-        if dtype not in ("F32", "F16", "BF16", "F64"):
-            raise AdapterFormatError(f"{path}: '{PEFT_PREFIX}{module}.lora_{half}.weight' has dtype {dtype}")
-    return LoraPair(module=module, a=a, b=b)
+        raise ShapeMismatch(f"{path}: '{key}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on rank")
+    for part_key, tensor in found.values():
+        _check_float(path, part_key, tensor)
+    bias = found.get("bias")
+    magnitude = found.get("magnitude")
+    pair = LoraPair(
+        module=module,
+        a=a,
+        b=b,
+        embedding=embedding,
+        bias=bias[1] if bias else None,
+        magnitude=magnitude[1] if magnitude else None,
+        keys=tuple(k for k, _ in found.values()),
+    )
+    rows, cols = pair.weight_shape
+    if bias is not None and tuple(bias[1].shape) != (int(b.shape[0]),):
+        raise ShapeMismatch(f"{path}: '{bias[0]}' is {tuple(bias[1].shape)}, expected ({int(b.shape[0])},)")
+    if magnitude is not None and len(magnitude[1].shape) != 1:
+        raise ShapeMismatch(f"{path}: '{magnitude[0]}' is {tuple(magnitude[1].shape)}, expected a vector")
+    if magnitude is not None and int(magnitude[1].shape[0]) != (cols if embedding else rows):
+        expected = cols if embedding else rows
+        raise ShapeMismatch(f"{path}: '{magnitude[0]}' has {magnitude[1].shape[0]} entries, expected {expected}")
+    return pair
+
+
+def _dtype_name(tensor: AdapterTensor) -> str:
+    return tensor.dtype if isinstance(tensor, TensorEntry) else TORCH_TO_NAME.get(tensor.dtype, str(tensor.dtype))
+
+
+def _check_float(path: Path, key: str, tensor: AdapterTensor) -> None:
+    dtype = _dtype_name(tensor)
+    if dtype not in FLOAT_NAMES:
+        raise AdapterFormatError(f"{path}: '{key}' has dtype {dtype}")
 
 
 def load_factor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
-    """A LoRA factor as PEFT holds it after loading: half precision upcast to float32, float32/64 as saved."""
-    value = reader.read(tensor) if isinstance(tensor, TensorEntry) else tensor
+    """An adapter tensor as PEFT holds it after loading: half precision upcast to float32, float32/64 as saved."""
+    value = read_tensor(tensor, reader)
     return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+
+
+def read_tensor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
+    """An adapter tensor as saved (its own dtype)."""
+    return reader.read(tensor) if isinstance(tensor, TensorEntry) else tensor
 
 
 def _read_safetensors(path: Path) -> dict[str, AdapterTensor]:
