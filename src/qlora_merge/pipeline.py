@@ -249,7 +249,7 @@ def _same_values(first: AdapterTensor, second: AdapterTensor, transpose: bool, r
 def _check_every_key_used(plan: MergePlan, weights: AdapterWeights) -> None:
     """Every adapter tensor is accounted for by the plan: used, a checked tied copy, or explicitly allowed unused."""
     accounted = {key for task in plan.tasks for key in task.adapter_keys}
-    accounted |= set(plan.tied_copies) | set(plan.unused)
+    accounted |= set(plan.tied_copies) | set(plan.unused) | set(weights.redundant)
     missing = [key for key in weights.shapes if key not in accounted]
     if missing:
         raise RuntimeError(f"{weights.path}: adapter tensors the plan does not use: {', '.join(missing[:5])}")

@@ -128,6 +128,8 @@ def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
         rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), "tied copy of the embedding's")
     for key in plan.unused:
         rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), "unused (--allow-unused)")
+    for key, why in weights.redundant.items():
+        rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), f"not needed: {why}")
     return [rows[key] for key in weights.shapes if key in rows]
 
 
@@ -214,44 +216,24 @@ def build_plan(
     changes: dict[str, Any] = {}
     tied_copies: list[str] = []
     if embeddings.tied and embeddings.input is not None:
-        head_pair = lora_names.get(head) if head else None
-        head_replacement = weights.replacements.get(head) if head else None
-        embed_touched = embeddings.input in updates or embeddings.input in replacements
-        head_keys = (head_pair.keys if head_pair else ()) + ((head_replacement.key,) if head_replacement else ())
-        if (
-            head_keys
-            and config.ensure_weight_tying
-            and _mirrors(
-                head_pair,
-                head_replacement,
-                updates.get(embeddings.input),
-                replacements.get(embeddings.input),
-                same_values,
-            )
-        ):
+        head_task, head_keys = _tied_head_task(
+            base,
+            embeddings.input,
+            head,
+            lora_names,
+            weights,
+            replacements,
+            updates,
+            config,
+            base_config,
+            out_dtype,
+            embeddings,
+            same_values,
+        )
+        if head_task is None:
             tied_copies.extend(head_keys)
-        elif head_keys or embed_touched:
-            entry = base.tensors[embeddings.input]
-            head_name = head or DEFAULT_HEAD
-            update = (
-                _lora_update(weights.path, head_pair, entry, config, base_config, head_replacement)
-                if head_pair
-                else None
-            )
-            task = _task(
-                entry,
-                head_name,
-                out_dtype,
-                head_replacement,
-                update,
-                head_keys,
-                embeddings,
-                base_config,
-                config,
-                weights.path,
-                note=f"untied from {entry.name}",
-            )
-            tasks.append(task)
+        else:
+            tasks.append(head_task)
             changes["tie_word_embeddings"] = False
     unused = []
     for name in unmatched:
@@ -351,33 +333,96 @@ def _tied_head(unmatched: list[str], embeddings: Embeddings) -> str | None:
     return heads[0] if len(heads) == 1 else None
 
 
-def _mirrors(
+def _tied_head_task(
+    base: CheckpointIndex,
+    input_name: str,
+    head: str | None,
+    lora_names: dict[str, LoraPair],
+    weights: AdapterWeights,
+    replacements: dict[str, Replacement],
+    updates: dict[str, LoraUpdate | BiasUpdate],
+    config: LoraConfig,
+    base_config: dict[str, Any],
+    out_dtype: str,
+    embeddings: Embeddings,
+    same_values: SameValues | None,
+) -> tuple[TensorTask | None, tuple[str, ...]]:
+    """The output head of a tied base, as the unmerged PeftModel computes it: None while it still equals the merged
+    embedding (tying survives), else a task writing it as its own tensor.
+
+    In the unmerged model the head shares the embedding's *base* parameter: it sees what the adapter loads into
+    that parameter (`embed_tokens.base_layer.weight`, or a resized embedding saved as `embed_tokens.weight`), but
+    not the embedding's LoRA nor a modules_to_save copy of it. The head's own adapter tensors (a LoRA on lm_head,
+    lm_head in modules_to_save) apply to the head only, except where they are ensure_weight_tying's mirror of
+    the embedding's (checked by value).
+    """
+    entry = base.tensors[input_name]
+    head_pair = lora_names.get(head) if head else None
+    head_replacement = weights.replacements.get(head) if head else None
+    head_keys = (head_pair.keys if head_pair else ()) + ((head_replacement.key,) if head_replacement else ())
+    embed_replacement = replacements.get(input_name)
+    embed_update = updates.get(input_name)
+    shared = embed_replacement if embed_replacement and not _is_trained_copy(embed_replacement, config) else None
+    head_values = head_replacement or shared
+    if _same_weight(head_values, embed_replacement, same_values) and _same_update(
+        head_pair, embed_update, config, same_values
+    ):
+        return None, head_keys
+    update = _lora_update(weights.path, head_pair, entry, config, base_config, head_values) if head_pair else None
+    note = f"untied from {entry.name}"
+    task = _task(
+        entry,
+        head or DEFAULT_HEAD,
+        out_dtype,
+        head_values,
+        update,
+        head_keys,
+        embeddings,
+        base_config,
+        config,
+        weights.path,
+        note,
+    )
+    return task, head_keys
+
+
+def _is_trained_copy(replacement: Replacement, config: LoraConfig) -> bool:
+    """A modules_to_save tensor: a copy trained beside the base module, which a tied head does not see."""
+    if replacement.wrapper == "base_layer":
+        return False
+    if replacement.wrapper == "modules_to_save":
+        return True
+    module = replacement.name.rpartition(".")[0]
+    return any(module == m or module.endswith(f".{m}") for m in config.modules_to_save or ())
+
+
+def _same_weight(
+    head_values: Replacement | None, embed_values: Replacement | None, same_values: SameValues | None
+) -> bool:
+    if head_values is None or embed_values is None:
+        return head_values is embed_values
+    if head_values is embed_values:
+        return True
+    return same_values is not None and same_values(head_values.tensor, embed_values.tensor, False)
+
+
+def _same_update(
     head_pair: LoraPair | None,
-    head_replacement: Replacement | None,
     embed_update: LoraUpdate | BiasUpdate | None,
-    embed_replacement: Replacement | None,
+    config: LoraConfig,
     same_values: SameValues | None,
 ) -> bool:
-    """Whether the head's adapter tensors are ensure_weight_tying's copies of the embedding's: a LoRA with
-    A = embedding B.T and B = embedding A.T (the same delta), on the same weight."""
-    if same_values is None:
-        return False
-    if (head_replacement is None) != (embed_replacement is None):
-        return False
-    if (
-        head_replacement is not None
-        and embed_replacement is not None
-        and not same_values(head_replacement.tensor, embed_replacement.tensor, False)
-    ):
-        return False
-    if head_pair is None:
-        return not isinstance(embed_update, LoraUpdate)
-    if not isinstance(embed_update, LoraUpdate) or embed_update.pair.magnitude is not None:
+    """No update on either, or a head LoRA that is ensure_weight_tying's mirror of the embedding's: A = the
+    embedding's B.T and B = its A.T with the same scaling, which is the same delta."""
+    if head_pair is None or embed_update is None:
+        return head_pair is None and embed_update is None
+    if not isinstance(embed_update, LoraUpdate) or embed_update.dora or head_pair.magnitude is not None:
         return False
     embed_pair = embed_update.pair
     return (
-        embed_pair.embedding
-        and head_pair.magnitude is None
+        same_values is not None
+        and embed_pair.embedding
+        and _scaling(head_pair, config) == embed_update.scaling
         and same_values(head_pair.a, embed_pair.b, True)
         and same_values(head_pair.b, embed_pair.a, True)
     )
@@ -403,7 +448,11 @@ def _vocab_changes(
     }
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"'{name}' has {n} rows" for name, n in sizes.items())
-        raise ShapeMismatch(f"{path}: the resized vocabulary disagrees between embedding and head: {shown}")
+        raise ShapeMismatch(
+            f"{path}: the adapter resizes the vocabulary but not every embedding ({shown}): the new rows of the "
+            "other one were never trained or saved (PEFT saves a resized head only when it is targeted or in "
+            "modules_to_save)"
+        )
     changes["vocab_size"] = next(iter(rows.values()))
 
 

@@ -40,6 +40,10 @@ LORA_PARTS = {
 # Wrappers PEFT puts around a module, which a saved key may still name: `<module>.base_layer.weight` is the
 # module's own weight; old files kept `<module>.modules_to_save.<adapter>.weight`.
 _WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.[^.]+)(?=\.)")
+# With a resized vocabulary PEFT also saves the wrapper's inner tensors under other names: the trained copy again
+# (`lm_head.modules_to_save.weight`, its adapter name stripped) and the untrained original
+# (`lm_head.original_module.weight`). PEFT's merged model uses neither when `lm_head.weight` is there.
+_SECONDARY = re.compile(r"(.+)\.(modules_to_save|original_module)\.([^.]+)")
 
 # A tensor of the adapter file: lazily read from a safetensors file, or already in memory from a .bin file.
 AdapterTensor = TensorEntry | torch.Tensor
@@ -81,6 +85,7 @@ class Replacement:
     name: str
     key: str
     tensor: AdapterTensor
+    wrapper: str = ""  # "base_layer" or "modules_to_save" when the key still names PEFT's wrapper
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -97,6 +102,7 @@ class AdapterWeights:
     pairs: dict[str, LoraPair]
     replacements: dict[str, Replacement]
     shapes: dict[str, tuple[int, ...]]  # every key of the file and its shape
+    redundant: dict[str, str]  # keys PEFT saves but its merged model does not use, and why
 
 
 def find_weights_file(directory: Path) -> Path:
@@ -112,7 +118,7 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
     if not tensors:
         raise AdapterFormatError(f"{path}: the adapter file contains no tensors")
     parts: dict[str, dict[str, tuple[str, AdapterTensor]]] = {}
-    replacements: dict[str, Replacement] = {}
+    candidates: dict[str, list[Replacement]] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
         for suffix, part in LORA_PARTS.items():
@@ -129,14 +135,29 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
                 )
             if ".lora_" in name or name.startswith("lora_"):
                 raise UnsupportedAdapter(f"{path}: '{key}' is an unknown LoRA tensor; qlora-merge cannot merge it")
-            target = _WRAPPERS.sub("", name)
-            if target in replacements:
-                raise AdapterFormatError(f"{path}: '{key}' and '{replacements[target].key}' both replace '{target}'")
             _check_float(path, key, tensor)
-            replacements[target] = Replacement(name=target, key=key, tensor=tensor)
+            secondary = _SECONDARY.fullmatch(name)
+            if secondary:
+                module, wrapper, leaf = secondary.groups()
+                found = Replacement(name=f"{module}.{leaf}", key=key, tensor=tensor, wrapper=wrapper)
+            else:
+                wrapper = match.group(1).split(".")[0] if (match := _WRAPPERS.search(name)) else ""
+                found = Replacement(name=_WRAPPERS.sub("", name), key=key, tensor=tensor, wrapper=wrapper)
+            candidates.setdefault(found.name, []).append(found)
+    replacements: dict[str, Replacement] = {}
+    redundant: dict[str, str] = {}
+    for target, found in candidates.items():
+        # The trained tensor first: a plain or base_layer key, then the adapter-name-less copy, then the original.
+        found.sort(key=lambda r: (_SECONDARY.fullmatch(r.key.removeprefix(PEFT_PREFIX)) is not None, r.wrapper))
+        primary, *others = found
+        if others and not _SECONDARY.fullmatch(others[0].key.removeprefix(PEFT_PREFIX)):
+            raise AdapterFormatError(f"{path}: '{primary.key}' and '{others[0].key}' both replace '{target}'")
+        replacements[target] = primary
+        for other in others:
+            redundant[other.key] = f"PEFT's {other.wrapper} copy of '{primary.key}', not used by its merged model"
     pairs = {module: _checked_pair(path, module, found) for module, found in parts.items()}
     shapes = {key: tuple(int(n) for n in tensor.shape) for key, tensor in tensors.items()}
-    return AdapterWeights(path=path, pairs=pairs, replacements=replacements, shapes=shapes)
+    return AdapterWeights(path=path, pairs=pairs, replacements=replacements, shapes=shapes, redundant=redundant)
 
 
 def describe_key(key: str) -> str:
@@ -150,11 +171,13 @@ def describe_key(key: str) -> str:
         return "LoRA bias (lora_bias)"
     if ".lora_A." in name or ".lora_B." in name:
         return "LoRA factor"
+    if ".original_module." in name:
+        return "original module"
     if name.endswith(".bias"):
         return "trained bias"
     if ".base_layer." in name:
         return "saved embedding layer"
-    return "modules_to_save tensor"
+    return "full tensor (modules_to_save or saved embedding layer)"
 
 
 def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTensor]]) -> LoraPair:
