@@ -65,8 +65,8 @@ def merge_peak_rss(directory: Path) -> float:
 
 
 def test_peak_rss_does_not_grow_with_a_4x_larger_model(tmp_path: Path) -> None:
-    # Both models are past every fixed-size buffer (shards above the writer's 32 MiB pieces, tensors above the 1M-element
-    # merge blocks), so what is measured is growth with the model, not buffers that have not reached their cap yet.
+    # Both models are past every fixed-size buffer (shards above the writer's 32 MiB pieces, tensors above the
+    # 1M-element merge blocks), so what is measured is growth with the model, not buffers short of their cap.
     small_bytes = llama_shaped(tmp_path / "small", hidden=1024, intermediate=2048, layers=2, vocab=8192)
     large_bytes = llama_shaped(tmp_path / "large", hidden=2048, intermediate=4096, layers=3, vocab=8192)
     assert large_bytes >= 4 * small_bytes

@@ -68,10 +68,10 @@ def test_merge_rows_rounds_once_like_peft() -> None:
 
 def test_blocking_falls_back_to_whole_tensors_when_blocks_differ(monkeypatch: pytest.MonkeyPatch) -> None:
     check = BlockingCheck()
-    a, b = torch.zeros(8, 4096), torch.zeros(4096, 8)
-    assert check.rows_per_block(4096, 4096, a, b, transposed=False) == variants.BLOCK_ELEMENTS // 4096
+    a, b = (8, 4096), (4096, 8)
+    assert check.rows_per_block(4096, 4096, a, b, torch.float32, transposed=False) == variants.BLOCK_ELEMENTS // 4096
     monkeypatch.setattr(variants, "blocks_match_whole", lambda *args: False)
-    assert BlockingCheck().rows_per_block(4096, 4096, a, b, transposed=False) == 4096
+    assert BlockingCheck().rows_per_block(4096, 4096, a, b, torch.float32, transposed=False) == 4096
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -108,8 +108,8 @@ def test_self_test_memory_does_not_grow_with_the_tensor(monkeypatch: pytest.Monk
     rank, cols = 16, 4000  # 262 rows per block: neither row count divides evenly
     wanted = variants.BLOCK_ELEMENTS // cols
     for rows in (14_336, 128_256):
-        BlockingCheck().rows_per_block(rows, cols, torch.zeros(rank, cols), torch.zeros(rows, rank), transposed=False)
-        BlockingCheck().rows_per_block(rows, cols, torch.zeros(rank, rows), torch.zeros(cols, rank), transposed=True)
+        BlockingCheck().rows_per_block(rows, cols, (rank, cols), (rows, rank), torch.float32, transposed=False)
+        BlockingCheck().rows_per_block(rows, cols, (rank, rows), (cols, rank), torch.float32, transposed=True)
     for a_shape, b_shape, _, transposed, rows_per_block, *_ in seen:
         proxy_rows = a_shape[1] if transposed else b_shape[0]
         assert rows_per_block == wanted

@@ -216,9 +216,17 @@ class BlockingCheck:
         self._verdicts: dict[tuple[object, ...], bool] = {}
 
     def rows_per_block(
-        self, rows: int, cols: int, a: torch.Tensor, b: torch.Tensor, transposed: bool, dora: bool = False
+        self,
+        rows: int,
+        cols: int,
+        a: tuple[int, ...],
+        b: tuple[int, ...],
+        dtype: torch.dtype,
+        transposed: bool,
+        dora: bool = False,
     ) -> int:
-        """Rows per block for this shape; `dora` also checks DoRA's row norms, blocked against whole."""
+        """Rows per block for a weight of `rows` x `cols` updated by factors of shapes `a` and `b` multiplied in
+        `dtype`; `dora` also checks DoRA's row norms, blocked against whole."""
         wanted = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(cols, 1))
         if wanted >= rows:
             return rows
@@ -226,13 +234,13 @@ class BlockingCheck:
         # kernel chosen for a block's shape, and a whole-tensor reference would cost memory growing with the model
         # (235 MB for an 8B down_proj). Full-size products are compared with PEFT's by the tests and the benchmark.
         proxy_rows = min(rows, 2 * wanted + (rows % wanted or wanted))
-        a_shape = (a.shape[0], proxy_rows) if transposed else tuple(a.shape)
-        b_shape = tuple(b.shape) if transposed else (proxy_rows, b.shape[1])
-        key = (a_shape, b_shape, a.dtype, transposed, wanted, dora)
+        a_shape = (a[0], proxy_rows) if transposed else a
+        b_shape = b if transposed else (proxy_rows, b[1])
+        key = (a_shape, b_shape, dtype, transposed, wanted, dora)
         if key not in self._verdicts:
-            self._verdicts[key] = blocks_match_whole(a_shape, b_shape, a.dtype, transposed, wanted, dora)
+            self._verdicts[key] = blocks_match_whole(a_shape, b_shape, dtype, transposed, wanted, dora)
             if not self._verdicts[key]:
-                log.info("blocked LoRA products differ from whole ones for A%s B%s; merging whole", a.shape, b.shape)
+                log.info("blocked LoRA products differ from whole ones for A%s B%s; merging whole", a, b)
         return wanted if self._verdicts[key] else rows
 
 

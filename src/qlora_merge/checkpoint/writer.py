@@ -222,18 +222,15 @@ class _PieceWriter:
     def __init__(self, piece_bytes: int) -> None:
         self.piece_bytes = piece_bytes
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(PIECE_COUNT):
+            self._free.put(_touched_piece(piece_bytes))
         self._jobs: queue.Queue[tuple[int, mmap.mmap, int, int] | None] = queue.Queue()
-        self._created = 0
         self._error: OSError | None = None
         self._thread = threading.Thread(target=self._run, name="qlora-merge-writer", daemon=True)
         self._thread.start()
 
     def take(self) -> mmap.mmap:
         self._raise_error()
-        if self._free.empty() and self._created < PIECE_COUNT:
-            self._created += 1
-            # Anonymous maps are page-aligned, as O_DIRECT requires.
-            return mmap.mmap(-1, self.piece_bytes)
         return self._free.get()
 
     def submit(self, fd: int, piece: mmap.mmap, length: int, offset: int) -> None:
@@ -270,6 +267,17 @@ class _PieceWriter:
                 self._free.put(piece)
                 self._jobs.task_done()
         self._jobs.task_done()
+
+
+def _touched_piece(size: int) -> mmap.mmap:
+    """A page-aligned anonymous map (as O_DIRECT requires) with every page already faulted in: all pieces exist
+    from the start, so peak memory does not depend on how far the disk falls behind, and the merge loop takes no
+    page faults on them."""
+    piece = mmap.mmap(-1, size)
+    zeros = bytes(min(size, 1 << 20))
+    for offset in range(0, size, len(zeros)):
+        piece[offset : offset + len(zeros)] = zeros[: size - offset]
+    return piece
 
 
 class _OpenShard:

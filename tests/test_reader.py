@@ -1,0 +1,49 @@
+"""Read-ahead: ranges come back in the announced order with the right bytes, misuse fails loudly, errors surface."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from qlora_merge.checkpoint.reader import ByteRange, ReadAhead
+from qlora_merge.errors import CheckpointFormatError
+
+
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    return path
+
+
+def test_ranges_arrive_in_order_with_their_bytes(tmp_path: Path) -> None:
+    path = data_file(tmp_path)
+    ranges = [ByteRange(path, offset, size) for offset, size in [(0, 10), (100, 3000), (5, 1), (16000, 384)] * 5]
+    expected = path.read_bytes()
+    with ReadAhead(ranges, depth=2) as ahead:
+        for r in ranges:
+            assert bytes(ahead.take(r.path, r.offset, r.nbytes).numpy()) == expected[r.offset : r.offset + r.nbytes]
+
+
+def test_a_take_out_of_order_is_an_error(tmp_path: Path) -> None:
+    path = data_file(tmp_path)
+    with ReadAhead([ByteRange(path, 0, 8), ByteRange(path, 8, 8)]) as ahead, pytest.raises(RuntimeError, match="order"):
+        ahead.take(path, 8, 8)
+
+
+def test_a_read_error_in_the_thread_is_raised_by_take(tmp_path: Path) -> None:
+    path = data_file(tmp_path)
+    ranges = [ByteRange(path, 0, 8), ByteRange(path, 16380, 100)]  # the second runs past the end of the file
+    with ReadAhead(ranges) as ahead:
+        ahead.take(path, 0, 8)
+        with pytest.raises(CheckpointFormatError, match="ended early"):
+            ahead.take(path, 16380, 100)
+
+
+def test_closing_before_all_ranges_are_taken_does_not_hang(tmp_path: Path) -> None:
+    path = data_file(tmp_path)
+    before = threading.active_count()
+    with ReadAhead([ByteRange(path, i, 64) for i in range(0, 16000, 64)], depth=2) as ahead:
+        ahead.take(path, 0, 64)
+    assert threading.active_count() == before
