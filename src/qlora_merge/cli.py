@@ -116,6 +116,8 @@ def _print_coverage(result: MergeResult, log: StageLog) -> None:
     for row in result.coverage:
         target = f"{row.target} {_shape(row.target_shape)}" if row.target else "-"
         log.line(f"  {row.adapter_key} {_shape(row.adapter_shape)} -> {target}  [{row.role}; {row.action}]")
+    for line in result.reshaped:
+        log.line(f"output: {line}")
     for key, value in result.config_changes.items():
         log.line(f"config.json: {key} -> {json.dumps(value)}")
     if result.unused:

@@ -54,6 +54,7 @@ class MergeResult:
     config_changes: dict[str, Any] = field(default_factory=dict)
     coverage: tuple[CoverageRow, ...] = ()
     unused: tuple[str, ...] = ()
+    reshaped: tuple[str, ...] = ()  # output tensors whose name or shape differs from the base's, and why
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,6 +158,7 @@ def _result(
         config_changes=dict(plan.config_changes),
         coverage=tuple(coverage(plan, inputs.weights)),
         unused=plan.unused,
+        reshaped=tuple(_reshaped(plan)),
         timings=timings,
     )
 
@@ -218,6 +220,17 @@ def _prepare(
         companions=tuple(companions + from_adapter),
         weights=weights,
     )
+
+
+def _reshaped(plan: MergePlan) -> list[str]:
+    lines = []
+    for task in plan.tasks:
+        source = task.source
+        if source is None or (source.name == task.output.name and source.shape == task.output.shape):
+            continue
+        what = task.note or f"resized from {source.shape}"
+        lines.append(f"{task.output.name} {task.output.shape}: {what}")
+    return lines
 
 
 def _adapter_detail(config: Any, weights: AdapterWeights) -> str:
