@@ -29,5 +29,11 @@ lint: install-test
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: install-test
-	$(BIN)/python bench/run.py
+# Benchmark: generates checkpoints under /tmp/qlora-bench (cached), sets up axolotl in its own venv there, runs
+# floors, ours, PEFT and axolotl, prints tables, writes bench/results/*.json and bench/plot.png.
+# SIZES=1b,3b,8b make bench; BENCH_ARGS="--axolotl --cold" for cold input; BENCH_ARGS= leaves axolotl out.
+SIZES ?= 1b,3b
+BENCH_ARGS ?= --axolotl
+bench: install
+	$(BIN)/pip install -q -e ".[test,bench]"
+	$(BIN)/python bench/run.py --sizes $(SIZES) $(BENCH_ARGS)

@@ -1,24 +1,31 @@
-"""Benchmark runner: per model size, generate inputs, run every tool on the same warm files, spot-check, report.
+"""Benchmark runner: per model size, generate inputs, run every tool on the same input files, spot-check, report.
 
 For each size: ensure the generated checkpoint (``generate.py``), then run the floors (``cp``, direct-I/O
 write and read), our merge, PEFT's merge and optionally axolotl's, one after another, each as a child
 measured by ``measure.run_child``. Each merge's output is reduced to a few spot-check tensors and deleted
-before the next tool runs, so at most one output is on disk. Prints a table per size and writes all
-results to ``bench/results/<timestamp>.json``.
+before the next tool runs, so at most one output is on disk. Prints a table per size, writes all
+results to ``bench/results/<timestamp>.json`` and renders them with ``plot.py`` (a child process).
 
-The runner imports no torch, and neither do the modules it imports: on Linux a child's peak RSS starts
-at the parent's high-water mark, so a small runner keeps every child's number honest.
+Input is warm by default: re-read into the page cache before every tool. ``--cold`` instead evicts it
+before every tool (``pagecache.make_cold``), checks once per size that eviction makes reads cold, and
+measures each tool against the direct-read floor.
 
-Usage: python bench/run.py [--sizes 1b,3b] [--workdir /tmp/qlora-bench] [--repeats 1] [--axolotl-python PY]
+The runner imports no torch (nor matplotlib), and neither do the modules it imports: on Linux a child's
+peak RSS starts at the parent's high-water mark, so a small runner keeps every child's number honest.
+
+Usage: python bench/run.py [--sizes 1b,3b] [--workdir /tmp/qlora-bench] [--repeats 1] [--cold]
+                           [--axolotl | --axolotl-python PY] [--plot bench/plot.png | --no-plot]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -26,14 +33,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from measure import own_peak_rss_bytes, run_child
+from pagecache import make_cold
 from specs import SPECS, spot_check_names
-from tools import BENCH_DIR, OURS, PEFT, Case, Tool, all_tools, child_env
+from tools import AXOLOTL, BENCH_DIR, DIRECT_READ, DIRECT_WRITE, OURS, PEFT, Case, Tool, all_tools, child_env
 
 GB = 1e9
 # Warm reads reuse one small buffer: whatever the runner holds becomes every later child's RSS floor.
 WARM_CHUNK_BYTES = 1 << 20
 INDEX_NAME = "model.safetensors.index.json"
 RESULTS_DIR = BENCH_DIR / "results"
+DEFAULT_PLOT = BENCH_DIR / "plot.png"
+AXOLOTL_SETUP = BENCH_DIR / "setup_axolotl.sh"
+# Issue targets: warm, ours <= 1.3 x direct-write floor + 1.5 s; cold, ours <= 1.1 x direct-read floor.
+WARM_FLOOR_FACTOR, WARM_STARTUP_S, COLD_FLOOR_FACTOR = 1.3, 1.5, 1.1
+PEFT_SPEEDUP_TARGET, PEFT_SPEEDUP_SIZES, RSS_TARGET_BYTES = 10.0, ("3b", "8b"), 0.6e9
 
 
 @dataclass(frozen=True)
@@ -119,14 +132,26 @@ def best(runs: list[Run]) -> Run | None:
     return min((run for run in runs if run.ok), key=lambda run: run.wall_s, default=None)
 
 
+def prepare_input(case: Case, cold: bool) -> dict[str, object]:
+    """Make the input warm (read it into the page cache) or cold (evict it); say what was done."""
+    if not cold:
+        # Re-warm before every tool (a no-op read when still cached): a previous tool may have evicted input.
+        return {"warm_s": warm(case.input_files)}
+    return make_cold(list(case.input_files))
+
+
 def run_tools(
     case: Case, tools: list[Tool], args: argparse.Namespace, logs: Path
-) -> tuple[dict[str, list[Run]], dict[str, str]]:
-    """Run every tool ``repeats`` times in rounds; return runs per tool and snapshot errors/paths per merge tool."""
+) -> tuple[dict[str, list[Run]], dict[str, str], list[dict]]:
+    """Run every tool ``repeats`` times in rounds.
+
+    Returns runs per tool, snapshot errors/paths per merge tool, and how the input was prepared before each run.
+    """
     out_root, snap_dir = args.workdir / "out" / case.size, args.workdir / "snapshots" / case.size
     names = spot_check_names(SPECS[case.size])
     runs: dict[str, list[Run]] = {tool.name: [] for tool in tools}
     snapshots: dict[str, str] = {}
+    preparations: list[dict] = []
     for repeat in range(args.repeats):
         for tool in tools:
             out = out_root / tool.name
@@ -134,12 +159,15 @@ def run_tools(
             out.parent.mkdir(parents=True, exist_ok=True)
             if tool.precreate_output:
                 out.mkdir()
-            # Re-warm before every tool (a no-op read when still cached): a previous tool may have evicted input.
-            warm(case.input_files)
+            command = tool.command(case, out)
+            prepared = prepare_input(case, args.cold)
+            preparations.append({"tool": tool.name, "repeat": repeat, **prepared})
             env = child_env(tool.env)
-            run = run_measured(tool.name, tool.command(case, out), logs / f"{tool.name}-{repeat}", env)
+            run = run_measured(tool.name, command, logs / f"{tool.name}-{repeat}", env)
             runs[tool.name].append(run)
             status = f"{run.wall_s:.2f} s, peak RSS {run.peak_rss_bytes / GB:.2f} GB" if run.ok else run.error
+            if args.cold:
+                status += f" (input resident at start: {prepared['resident_bytes'] / GB:.3f} GB)"
             print(f"[{case.size}] {tool.name:<13} {status}", flush=True)
             if run.ok and tool.is_merge and tool.name not in snapshots:
                 dest = snap_dir / f"{tool.name}.safetensors"
@@ -147,7 +175,7 @@ def run_tools(
                 snapshots[tool.name] = f"snapshot failed: {error}" if error else str(dest)
             clear_output(out)
     failed = {tool.name: "merge failed" for tool in tools if tool.is_merge and tool.name not in snapshots}
-    return runs, snapshots | failed
+    return runs, snapshots | failed, preparations
 
 
 def spot_check(case: Case, snapshots: dict[str, str], logs: Path, workdir: Path) -> dict:
@@ -179,16 +207,22 @@ def ratio(numerator: Run | None, denominator: Run | None) -> str:
     return f"{numerator.wall_s / denominator.wall_s:.2f}x"
 
 
-def print_table(case: Case, tools: list[Tool], runs: dict[str, list[Run]]) -> None:
-    """One row per tool: best wall, its peak RSS, throughput, PEFT wall / wall, wall / cp wall."""
-    peft, cp = best(runs.get(PEFT, [])), best(runs.get("cp", []))
-    header = ("tool", "wall s", "peak RSS GB", "GB/s", "PEFT/tool", "tool/cp", "note")
+def reference_floor(cold: bool) -> str:
+    """The floor a run is judged against: direct-read for cold input, direct-write for warm input."""
+    return DIRECT_READ if cold else DIRECT_WRITE
+
+
+def print_table(case: Case, tools: list[Tool], runs: dict[str, list[Run]], cold: bool) -> None:
+    """One row per tool: best wall, its peak RSS, throughput, PEFT wall / wall, wall / cp, wall / reference floor."""
+    floor_name = reference_floor(cold)
+    peft, cp, floor = (best(runs.get(name, [])) for name in (PEFT, "cp", floor_name))
+    header = ("tool", "wall s", "peak RSS GB", "GB/s", "PEFT/tool", "tool/cp", f"tool/{floor_name}", "note")
     rows: list[tuple[str, ...]] = [header]
     for tool in tools:
         tool_runs = runs[tool.name]
         fastest = best(tool_runs)
         if fastest is None:
-            rows.append((tool.name, "-", "-", "-", "-", "-", f"FAILED: {tool_runs[-1].error}"))
+            rows.append((tool.name, "-", "-", "-", "-", "-", "-", f"FAILED: {tool_runs[-1].error}"))
             continue
         note = "all: " + ", ".join(f"{run.wall_s:.2f}" if run.ok else "failed" for run in tool_runs)
         rows.append(
@@ -199,6 +233,7 @@ def print_table(case: Case, tools: list[Tool], runs: dict[str, list[Run]]) -> No
                 f"{case.shard_bytes / GB / fastest.wall_s:.2f}",
                 ratio(peft, fastest),
                 ratio(fastest, cp),
+                ratio(fastest, floor),
                 note if len(tool_runs) > 1 else "",
             )
         )
@@ -208,8 +243,50 @@ def print_table(case: Case, tools: list[Tool], runs: dict[str, list[Run]]) -> No
         print("  ".join([row[0].ljust(widths[0]), *numbers, row[-1]]).rstrip())
 
 
+def targets(size: str, runs: dict[str, list[Run]], cold: bool) -> list[dict[str, object]]:
+    """The issue's targets for our merge, each with the measured value and whether it is met (None: n/a here)."""
+    ours = best(runs.get(OURS, []))
+    if ours is None:
+        return []
+    checks: list[dict[str, object]] = []
+    floor = best(runs.get(reference_floor(cold), []))
+    if floor is not None:
+        if cold:
+            limit = COLD_FLOOR_FACTOR * floor.wall_s
+            rule = f"<= {COLD_FLOOR_FACTOR} x direct-read {floor.wall_s:.2f} s = {limit:.2f} s"
+        else:
+            limit = WARM_FLOOR_FACTOR * floor.wall_s + WARM_STARTUP_S
+            rule = f"<= {WARM_FLOOR_FACTOR} x direct-write {floor.wall_s:.2f} s + {WARM_STARTUP_S} s = {limit:.2f} s"
+        checks.append({"target": f"wall {rule}", "value": f"{ours.wall_s:.2f} s", "met": ours.wall_s <= limit})
+    peft = best(runs.get(PEFT, []))
+    if peft is not None and not cold:
+        speedup = peft.wall_s / ours.wall_s
+        met = speedup >= PEFT_SPEEDUP_TARGET if size in PEFT_SPEEDUP_SIZES else None
+        rule = f"PEFT/ours >= {PEFT_SPEEDUP_TARGET:g}x (at {', '.join(PEFT_SPEEDUP_SIZES)})"
+        checks.append({"target": rule, "value": f"{speedup:.1f}x", "met": met})
+    axolotl = best(runs.get(AXOLOTL, []))
+    if axolotl is not None:
+        speedup = axolotl.wall_s / ours.wall_s
+        checks.append({"target": "faster than axolotl", "value": f"axolotl/ours {speedup:.1f}x", "met": speedup > 1})
+    rss = ours.peak_rss_bytes
+    checks.append(
+        {
+            "target": f"peak RSS <= {RSS_TARGET_BYTES / GB:g} GB",
+            "value": f"{rss / GB:.2f} GB",
+            "met": rss <= RSS_TARGET_BYTES,
+        }
+    )
+    return checks
+
+
+def print_targets(checks: list[dict[str, object]]) -> None:
+    for check in checks:
+        verdict = {True: "met", False: "NOT met", None: "not applicable at this size"}[check["met"]]
+        print(f"target {OURS}: {check['target']}: {check['value']} -> {verdict}")
+
+
 def print_spot_check(verdicts: dict) -> None:
-    """Per tensor equal / not equal for each merge tool, then one bit-identity line for ours."""
+    """Per tensor equal / not equal for each merge tool, then one bit-identity line per merge tool."""
     if "error" in verdicts:
         print(f"spot check: not run: {verdicts['error']}")
         return
@@ -225,14 +302,15 @@ def print_spot_check(verdicts: dict) -> None:
             if "changed_vs_base" in verdict:
                 details.append("changed vs base" if verdict["changed_vs_base"] else "unchanged vs base")
             print(f"  {tool} vs {PEFT}: {name}: {state} ({'; '.join(details)})")
-    ours = verdicts.get(OURS, {})
-    if "error" in ours or not ours:
-        print(f"{OURS} vs {PEFT}: no verdict ({ours.get('error') or verdicts.get('error') or 'not compared'})")
-    elif all(verdict["equal"] for verdict in ours.values()):
-        print(f"{OURS} is bit-identical to {PEFT} on all {len(ours)} spot-checked tensors")
-    else:
-        differing = sum(not verdict["equal"] for verdict in ours.values())
-        print(f"{OURS} is NOT bit-identical to {PEFT}: {differing} of {len(ours)} spot-checked tensors differ")
+    for tool in dict.fromkeys([OURS, *verdicts]):
+        tensors = verdicts.get(tool, {})
+        if "error" in tensors or not tensors:
+            print(f"{tool} vs {PEFT}: no verdict ({tensors.get('error') or 'not compared'})")
+        elif all(verdict["equal"] for verdict in tensors.values()):
+            print(f"{tool} is bit-identical to {PEFT} on all {len(tensors)} spot-checked tensors")
+        else:
+            differing = sum(not verdict["equal"] for verdict in tensors.values())
+            print(f"{tool} is NOT bit-identical to {PEFT}: {differing} of {len(tensors)} spot-checked tensors differ")
 
 
 def bench_size(size: str, args: argparse.Namespace) -> dict:
@@ -251,32 +329,74 @@ def bench_size(size: str, args: argparse.Namespace) -> dict:
     clear_output(args.workdir / "out" / size)
     input_bytes = sum(path.stat().st_size for path in case.input_files)
     available = mem_available_bytes()
+    record |= {"mode": "cold" if args.cold else "warm"}
     record |= {"shards": [str(path) for path in case.shards], "shard_bytes": case.shard_bytes}
     record |= {"input_bytes": input_bytes, "mem_available_bytes": available}
-    record["warm_s"] = warm(case.input_files)
-    print(
-        f"[{size}] input (shards + adapter) {input_bytes / GB:.2f} GB read once in {record['warm_s']:.1f} s to warm "
-        "the page cache; re-read before every tool so each one starts on warm input",
-        flush=True,
-    )
-    if available and input_bytes > available // 2:
-        print(f"[{size}] warning: input is over half of available RAM; tools may evict it mid-run", flush=True)
+    if args.cold:
+        record["eviction_check"] = check_eviction(case, logs)
+    else:
+        record["warm_s"] = warm(case.input_files)
+        print(
+            f"[{size}] input (shards + adapter) {input_bytes / GB:.2f} GB read once in {record['warm_s']:.1f} s to "
+            "warm the page cache; re-read before every tool so each one starts on warm input",
+            flush=True,
+        )
+        if available and input_bytes > available // 2:
+            print(f"[{size}] warning: input is over half of available RAM; tools may evict it mid-run", flush=True)
     tools = all_tools(args.axolotl_python, args.workdir / "configs")
-    runs, snapshots = run_tools(case, tools, args, logs)
+    runs, snapshots, preparations = run_tools(case, tools, args, logs)
     record["runs"] = {name: [asdict(run) for run in tool_runs] for name, tool_runs in runs.items()}
+    record["input_preparation"] = preparations
     record["snapshots"] = snapshots
     record["spot_check"] = spot_check(case, snapshots, logs, args.workdir)
+    record["targets"] = targets(size, runs, args.cold)
     record["runner_peak_rss_bytes"] = own_peak_rss_bytes()
     shards = f"{case.shard_bytes / GB:.2f} GB in {len(case.shards)} shards"
-    print(f"\n== {size} ({spec.label}-shaped, bf16): {shards}, input warm in page cache ==")
-    print_table(case, tools, runs)
+    state = "input evicted from the page cache before each tool (cold)" if args.cold else "input warm in page cache"
+    print(f"\n== {size} ({spec.label}-shaped, bf16): {shards}, {state} ==")
+    print_table(case, tools, runs, args.cold)
     print(
         f"runner RSS floor: {record['runner_peak_rss_bytes'] / GB:.3f} GB (no child's peak RSS can read below it); "
         f"best of {args.repeats}"
     )
+    if args.cold:
+        print_eviction(record["eviction_check"], preparations)
+    print_targets(record["targets"])
     print_spot_check(record["spot_check"])
     print(flush=True)
     return record
+
+
+def check_eviction(case: Case, logs: Path) -> dict:
+    """Time warm, O_DIRECT and just-evicted reads of the largest shard (``pagecache.py verify``, a child)."""
+    largest = max(case.shards, key=lambda path: path.stat().st_size)
+    argv = [sys.executable, str(BENCH_DIR / "pagecache.py"), "verify", str(largest)]
+    run = run_measured("eviction-check", argv, logs / "eviction-check", child_env({}))
+    if not run.ok:
+        print(f"[{case.size}] eviction check failed: {run.error}", flush=True)
+        return {"error": run.error}
+    check = stdout_json(run)
+    print(
+        f"[{case.size}] eviction check on {Path(check['file']).name} ({check['bytes'] / GB:.2f} GB): "
+        f"buffered read warm {check['warm_buffered_s']:.2f} s, O_DIRECT {check['direct_s']:.2f} s, buffered right "
+        f"after {check['method']} {check['cold_buffered_s']:.2f} s; resident after eviction "
+        f"{check['resident_fraction_after_evict']:.1%} (warm: {check['resident_fraction_warm']:.1%})",
+        flush=True,
+    )
+    return check
+
+
+def print_eviction(check: dict, preparations: list[dict]) -> None:
+    """One line on how cold the input was before the tools ran."""
+    if "error" in check:
+        print(f"eviction check: failed: {check['error']}")
+    worst = max(preparations, key=lambda item: item["resident_bytes"], default=None)
+    if worst is not None:
+        methods = sorted({item["method"] for item in preparations})
+        print(
+            f"cold input: {' / '.join(methods)} before every tool; at most {worst['resident_bytes'] / GB:.3f} of "
+            f"{worst['bytes'] / GB:.2f} GB input resident at a tool's start; reference floor: direct-read"
+        )
 
 
 def size_list(text: str) -> list[str]:
@@ -300,9 +420,37 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sizes", type=size_list, default=["1b", "3b"], help="comma-separated: 1b,3b,8b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"))
     parser.add_argument("--repeats", type=positive, default=1, help="runs per tool; the table shows the best")
-    parser.add_argument("--axolotl-python", type=Path, default=None, help="python of an env with axolotl")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the input from the page cache before each tool (default: warm)"
+    )
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument("--axolotl-python", type=Path, default=None, help="python of an env with axolotl")
+    peers.add_argument(
+        "--axolotl", action="store_true", help="run setup_axolotl.sh if needed (venv in WORKDIR/axolotl-venv), use it"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated checkpoints")
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help="PNG rendered from this run's JSON")
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     return parser.parse_args()
+
+
+def package_version(name: str) -> str:
+    """Installed version of ``name`` in the runner's environment, read from metadata (nothing is imported)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def axolotl_version(python: Path) -> str:
+    """axolotl's version in the environment of ``python``, from package metadata."""
+    code = "import importlib.metadata as m; print(m.version('axolotl'), m.version('torch'), m.version('peft'))"
+    try:
+        done = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unknown ({exc})"
+    axolotl, torch, peft = done.stdout.split()
+    return f"{axolotl} (torch {torch}, peft {peft})"
 
 
 def machine(workdir: Path) -> dict[str, object]:
@@ -313,7 +461,31 @@ def machine(workdir: Path) -> dict[str, object]:
         "cpus": os.cpu_count(),
         "mem_available_bytes": mem_available_bytes(),
         "workdir_free_bytes": shutil.disk_usage(workdir).free,
+        "versions": {name: package_version(name) for name in ("torch", "transformers", "peft", "safetensors")},
     }
+
+
+def setup_axolotl(workdir: Path) -> Path | None:
+    """Run ``setup_axolotl.sh`` (a no-op once done); return the venv's python, or None when setup failed."""
+    venv = workdir / "axolotl-venv"
+    print(f"axolotl: {AXOLOTL_SETUP.name} {venv}", flush=True)
+    done = subprocess.run(["bash", str(AXOLOTL_SETUP), str(venv)], check=False)
+    if done.returncode != 0:
+        print(f"axolotl: setup failed (exit {done.returncode}); benchmarking without it", flush=True)
+        return None
+    return venv / "bin" / "python"
+
+
+def render_plot(results_path: Path, plot: Path) -> None:
+    """Render ``plot`` from the results JSON with ``plot.py`` in a child: matplotlib stays out of the runner."""
+    argv = [sys.executable, str(BENCH_DIR / "plot.py"), str(results_path), "-o", str(plot)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        print(f"plot: {plot}")
+        return
+    lines = done.stderr.strip().splitlines()
+    reason = lines[-1] if lines else f"exit {done.returncode}"
+    print(f"plot: not rendered: {reason} (matplotlib comes with: pip install -e '.[bench]')")
 
 
 def main() -> None:
@@ -321,7 +493,13 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results_path = RESULTS_DIR / f"{stamp}.json"
+    if args.axolotl:
+        args.axolotl_python = setup_axolotl(args.workdir)
     results: dict = {"started": stamp, "argv": sys.argv, "args": vars(args), "machine": machine(args.workdir)}
+    if args.axolotl_python is not None:
+        results["machine"]["versions"]["axolotl"] = axolotl_version(args.axolotl_python)
+    elif args.axolotl:
+        results["machine"]["versions"]["axolotl"] = "setup failed"
     results["sizes"] = []
     for size in args.sizes:
         results["sizes"].append(bench_size(size, args))
@@ -329,6 +507,8 @@ def main() -> None:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"results: {results_path}")
+    if not args.no_plot:
+        render_plot(results_path, args.plot)
 
 
 if __name__ == "__main__":

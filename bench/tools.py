@@ -28,6 +28,7 @@ OURS = "qlora-merge"
 PEFT = "peft"
 AXOLOTL = "axolotl"
 DIRECT_WRITE = "direct-write"
+DIRECT_READ = "direct-read"
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,13 @@ def peft_command(case: Case, out: Path) -> list[str]:
 
 
 def axolotl_config(case: Case, out: Path) -> dict[str, object]:
-    """An axolotl config that asks for its shard-by-shard ``memory_efficient`` LoRA merge."""
+    """An axolotl 0.19 config that asks for its shard-by-shard ``memory_efficient`` LoRA merge.
+
+    axolotl validates a merge config with its training schema, so the training fields it requires
+    (datasets, learning rate, batch and epoch counts, sequence length) are present but never used.
+    The LoRA kernel flags are set off only to silence its "auto-enabling" warning; they do not affect
+    the merge, which writes ``{output_dir}/merged``.
+    """
     adapter = json.loads((case.adapter / "adapter_config.json").read_text())
     return {
         "base_model": str(case.base),
@@ -105,11 +112,20 @@ def axolotl_config(case: Case, out: Path) -> dict[str, object]:
         "lora_model_dir": str(case.adapter),
         "lora_r": adapter["r"],
         "lora_alpha": adapter["lora_alpha"],
+        "lora_dropout": adapter["lora_dropout"],
         "lora_target_modules": adapter["target_modules"],
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
         "merge_method": "memory_efficient",
         "bf16": True,
         "output_dir": str(out),
         "datasets": [{"path": "unused-for-merge", "type": "alpaca"}],
+        "learning_rate": 2e-4,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "num_epochs": 1,
+        "sequence_len": 2048,
     }
 
 
@@ -141,7 +157,7 @@ def all_tools(axolotl_python: Path | None, config_dir: Path) -> list[Tool]:
     tools = [
         Tool("cp", is_merge=False, command=cp_command, precreate_output=True),
         Tool(DIRECT_WRITE, is_merge=False, command=direct_write_command),
-        Tool("direct-read", is_merge=False, command=direct_read_command),
+        Tool(DIRECT_READ, is_merge=False, command=direct_read_command),
         Tool(OURS, is_merge=True, command=ours_command, env=ours_env()),
         Tool(PEFT, is_merge=True, command=peft_command),
     ]
