@@ -467,10 +467,10 @@ CASES: list[tuple[str, Callable[[Sources, Path], Bad], type[MergeError], str]] =
     ),
     ("lora-bias-without-flag", add_adapter_tensor(f"{Q_PROJ}.lora_B.bias", (64,)), AdapterFormatError, "lora_bias"),
     (
-        "trainable-tokens",
+        "trainable-tokens-without-indices",
         add_adapter_tensor("base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta", (2, 64)),
-        UnsupportedAdapter,
-        "trainable-token delta",
+        AdapterFormatError,
+        "trainable_token_indices names no token rows",
     ),
     ("unknown-lora-tensor", add_adapter_tensor(f"{Q_PROJ}.lora_E", (4, 1)), UnsupportedAdapter, "unknown LoRA"),
     (

@@ -50,14 +50,6 @@ def resolve_loader(requested: str, base_config: dict[str, Any]) -> Loader:
     raise MergeError(f"--loader {requested!r}: expected auto, qwen3.5 or an architecture name like LlamaForCausalLM")
 
 
-def match_modules(
-    adapter_modules: Iterable[str], base_tensor_names: Iterable[str], loader: Loader, adapter_file: str
-) -> dict[str, str]:
-    """Map each adapter module to the base tensor `<module>.weight` it updates; one-to-one, or KeyMatchError."""
-    found = match_tensors([f"{m}.weight" for m in adapter_modules], base_tensor_names, loader, adapter_file)
-    return {name.removesuffix(".weight"): target for name, target in found.items() if target is not None}
-
-
 def match_tensors(
     names: Iterable[str],
     base_tensor_names: Iterable[str],

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from .adapter.config import LoraConfig
-from .adapter.weights import PEFT_PREFIX, AdapterTensor, AdapterWeights, LoraPair, Replacement, describe_key
+from .adapter.weights import (
+    PEFT_PREFIX,
+    AdapterTensor,
+    AdapterWeights,
+    LoraPair,
+    Replacement,
+    TokenDelta,
+    describe_key,
+)
 from .checkpoint.format import DTYPES, FLOAT_DTYPES, TensorEntry
 from .checkpoint.index import CheckpointIndex
 from .checkpoint.writer import OutputTensor, ShardLayout, plan_shards
@@ -74,12 +82,23 @@ class BiasUpdate:
 
 
 @dataclass(frozen=True)
+class TokenUpdate:
+    """trainable_token_indices: rows `indices` of the weight take the values of `delta` (tokens, dim)."""
+
+    indices: tuple[int, ...]
+    delta: AdapterTensor
+
+
+Update = LoraUpdate | BiasUpdate | TokenUpdate
+
+
+@dataclass(frozen=True)
 class TensorTask:
     output: OutputTensor
     action: Action
     source: TensorEntry | None = None  # the base tensor the values come from
     replacement: Replacement | None = None  # or the adapter tensor that replaces it
-    update: LoraUpdate | BiasUpdate | None = None
+    update: Update | None = None
     held_dtype: str | None = None  # the dtype PEFT holds the weight in while it merges
     adapter_keys: tuple[str, ...] = ()  # the adapter tensors this output uses
     note: str = ""
@@ -120,6 +139,8 @@ def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
         action = task.action.value + (f", {task.note}" if task.note else "")
         if isinstance(task.update, LoraUpdate):
             action += f", {task.update.layout.value}" + (" DoRA" if task.update.dora else "")
+        elif isinstance(task.update, TokenUpdate):
+            action += f", {len(task.update.indices)} token rows replaced"
         for key in task.adapter_keys:
             rows[key] = CoverageRow(
                 key, describe_key(key), weights.shapes[key], task.output.name, task.output.shape, action
@@ -160,7 +181,7 @@ def build_plan(
     embeddings = find_embeddings(base, base_config)
 
     lora_names = {f"{module}.weight": pair for module, pair in weights.pairs.items()}
-    names = list(lora_names) + list(weights.replacements)
+    names = list(dict.fromkeys([*lora_names, *weights.replacements, *weights.token_deltas]))
     matched = match_tensors(names, base.tensors, loader, adapter_file, optional=names)
 
     unmatched = [name for name, target in matched.items() if target is None]
@@ -172,7 +193,7 @@ def build_plan(
         if target is not None:
             replacements[target] = replacement
             keys.setdefault(target, []).append(replacement.key)
-    updates: dict[str, LoraUpdate | BiasUpdate] = {}
+    updates: dict[str, Update] = {}
     for name, pair in lora_names.items():
         target = matched[name]
         if target is None:
@@ -195,6 +216,18 @@ def build_plan(
                 )
             updates[bias_name] = BiasUpdate(pair.bias, _scaling(pair, config))
             keys.setdefault(bias_name, []).append(bias_key)
+    for name, tokens in weights.token_deltas.items():
+        target = matched[name]
+        if target is None:
+            continue
+        if target in updates:
+            raise UnsupportedAdapter(
+                f"{adapter_file}: '{tokens.key}' trains tokens of '{target}', which a LoRA also updates; "
+                "PEFT does not combine the two on one module"
+            )
+        shape = replacements[target].shape if target in replacements else base.tensors[target].shape
+        updates[target] = _token_update(config, tokens, shape, embeddings, base.tensors[target])
+        keys.setdefault(target, []).append(tokens.key)
 
     tasks = []
     for entry in base.tensors.values():
@@ -243,6 +276,8 @@ def build_plan(
             unused.extend(lora_names[name].keys)
         if name in weights.replacements:
             unused.append(weights.replacements[name].key)
+        if name in weights.token_deltas:
+            unused.append(weights.token_deltas[name].key)
     if unused and not allow_unused:
         first = unused[0]
         more = f" (and {len(unused) - 1} more adapter tensors)" if len(unused) > 1 else ""
@@ -283,7 +318,7 @@ def _task(
     name: str,
     out_dtype: str,
     replacement: Replacement | None,
-    update: LoraUpdate | BiasUpdate | None,
+    update: Update | None,
     adapter_keys: tuple[str, ...],
     embeddings: Embeddings,
     base_config: dict[str, Any],
@@ -340,7 +375,7 @@ def _tied_head_task(
     lora_names: dict[str, LoraPair],
     weights: AdapterWeights,
     replacements: dict[str, Replacement],
-    updates: dict[str, LoraUpdate | BiasUpdate],
+    updates: dict[str, Update],
     config: LoraConfig,
     base_config: dict[str, Any],
     out_dtype: str,
@@ -359,16 +394,27 @@ def _tied_head_task(
     entry = base.tensors[input_name]
     head_pair = lora_names.get(head) if head else None
     head_replacement = weights.replacements.get(head) if head else None
-    head_keys = (head_pair.keys if head_pair else ()) + ((head_replacement.key,) if head_replacement else ())
+    head_tokens = weights.token_deltas.get(head) if head else None
+    head_keys = (head_pair.keys if head_pair else ()) + tuple(
+        t.key for t in (head_replacement, head_tokens) if t is not None
+    )
     embed_replacement = replacements.get(input_name)
     embed_update = updates.get(input_name)
     shared = embed_replacement if embed_replacement and not _is_trained_copy(embed_replacement, config) else None
     head_values = head_replacement or shared
+    if head_pair is not None and head_tokens is not None:
+        raise UnsupportedAdapter(f"{weights.path}: '{head_tokens.key}' trains tokens of a head a LoRA also updates")
+    head_values_shape = head_values.shape if head_values is not None else entry.shape
+    token_update = (
+        _token_update(config, head_tokens, head_values_shape, embeddings, entry) if head_tokens is not None else None
+    )
     if _same_weight(head_values, embed_replacement, same_values) and _same_update(
-        head_pair, embed_update, config, same_values
+        head_pair, token_update, embed_update, config, same_values
     ):
         return None, head_keys
-    update = _lora_update(weights.path, head_pair, entry, config, base_config, head_values) if head_pair else None
+    update: Update | None = token_update
+    if head_pair is not None:
+        update = _lora_update(weights.path, head_pair, entry, config, base_config, head_values)
     note = f"untied from {entry.name}"
     task = _task(
         entry,
@@ -384,6 +430,32 @@ def _tied_head_task(
         note,
     )
     return task, head_keys
+
+
+def _token_update(
+    config: LoraConfig, tokens: TokenDelta, shape: tuple[int, ...], embeddings: Embeddings, entry: TensorEntry
+) -> TokenUpdate:
+    """The token rows a trainable_tokens_delta replaces, from trainable_token_indices: a plain list names rows of
+    the input embedding (and of a head tied to it); a mapping names them per module, matched by name tail."""
+    module = tokens.name.removesuffix(".weight")
+    indices = config.trainable_token_indices
+    found = [ids for name, ids in indices.items() if name and (module == name or module.endswith(f".{name}"))]
+    if not found and "" in indices and entry.name == embeddings.input:
+        found = [indices[""]]
+    if len(found) != 1:
+        raise AdapterFormatError(
+            f"{config.path}: trainable_token_indices names no token rows for '{module}' ('{tokens.key}')"
+        )
+    ids = found[0]
+    delta_shape = tuple(int(n) for n in tokens.tensor.shape)
+    if len(shape) != 2 or delta_shape != (len(ids), shape[1]):
+        raise ShapeMismatch(
+            f"{config.path}: '{tokens.key}' is {delta_shape} but {len(ids)} token ids of the {shape} weight "
+            f"'{entry.name}' need ({len(ids)}, {shape[1] if len(shape) == 2 else '?'})"
+        )
+    if max(ids, default=0) >= shape[0]:
+        raise ShapeMismatch(f"{config.path}: token id {max(ids)} is outside '{entry.name}', which has {shape[0]} rows")
+    return TokenUpdate(indices=ids, delta=tokens.tensor)
 
 
 def _is_trained_copy(replacement: Replacement, config: LoraConfig) -> bool:
@@ -408,12 +480,23 @@ def _same_weight(
 
 def _same_update(
     head_pair: LoraPair | None,
-    embed_update: LoraUpdate | BiasUpdate | None,
+    head_tokens: TokenUpdate | None,
+    embed_update: Update | None,
     config: LoraConfig,
     same_values: SameValues | None,
 ) -> bool:
-    """No update on either, or a head LoRA that is ensure_weight_tying's mirror of the embedding's: A = the
-    embedding's B.T and B = its A.T with the same scaling, which is the same delta."""
+    """No update on either; trainable tokens on the embedding, which PEFT ties the head's token adapter to (saving
+    no delta for the head, or the same one again); or a head LoRA that is ensure_weight_tying's mirror of the
+    embedding's: A = the embedding's B.T and B = its A.T with the same scaling, which is the same delta."""
+    if head_tokens is not None:
+        return (
+            isinstance(embed_update, TokenUpdate)
+            and head_tokens.indices == embed_update.indices
+            and same_values is not None
+            and same_values(head_tokens.delta, embed_update.delta, False)
+        )
+    if isinstance(embed_update, TokenUpdate):
+        return head_pair is None
     if head_pair is None or embed_update is None:
         return head_pair is None and embed_update is None
     if not isinstance(embed_update, LoraUpdate) or embed_update.dora or head_pair.magnitude is not None:

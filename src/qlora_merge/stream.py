@@ -10,7 +10,7 @@ from .adapter.weights import AdapterTensor, load_factor, read_tensor
 from .checkpoint.format import DTYPES, TensorEntry
 from .checkpoint.reader import ByteRange, ReadAhead, TensorReader
 from .checkpoint.writer import CheckpointWriter
-from .plan import Action, BiasUpdate, LoraUpdate, MergePlan, TensorTask
+from .plan import Action, BiasUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
 from .variants import (
     MIN_BLOCK_ROWS,
     BlockingCheck,
@@ -21,6 +21,7 @@ from .variants import (
     held_weight,
     linear_delta_rows,
     merge_rows_into,
+    replace_token_rows,
 )
 
 # Converting dtypes goes in pieces of this many bytes so a 1 GB embedding never sits in memory whole.
@@ -176,6 +177,9 @@ def _merge(
         merge_rows_into(weight, delta, torch.empty(weight.numel()), out)
         _write_tensor(out, task, writer, workspace)
         return
+    if isinstance(update, TokenUpdate):
+        _replace_tokens(task, update, reader, writer, workspace)
+        return
     assert isinstance(update, LoraUpdate)
     a = load_factor(update.pair.a, reader)
     b = load_factor(update.pair.b, reader)
@@ -204,6 +208,35 @@ def _merge(
             dora_rows_into(weight, delta, magnitude[start:stop], upcast, merged)
         else:
             merge_rows_into(weight, delta, upcast, merged, round_delta_to=held if update.round_delta else None)
+        writer.write(memoryview(raw.numpy()))
+
+
+def _replace_tokens(
+    task: TensorTask, update: TokenUpdate, reader: TensorReader, writer: CheckpointWriter, workspace: Workspace
+) -> None:
+    """Trainable tokens: the weight as it is, a chunk of rows at a time, with the trained rows put in."""
+    source = _rows_source(task)
+    rows, cols = task.output.shape
+    out_dtype, out_size = DTYPES[task.output.dtype]
+    held = DTYPES[task.held_dtype][0] if task.held_dtype else out_dtype
+    indices = torch.tensor(update.indices, dtype=torch.int64)
+    values = read_tensor(update.delta, reader)
+    step = max(CONVERT_CHUNK_BYTES // max(cols * out_size, 1), 1)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        if isinstance(source, TensorEntry):
+            dtype, size = DTYPES[source.dtype]
+            raw_in = workspace.take("input", (stop - start) * cols * size)
+            reader.read_bytes_into(source.file, source.start + start * cols * size, raw_in)
+            block = raw_in.view(dtype).view(stop - start, cols)
+        else:
+            block = source[start:stop]
+        if task.replacement is not None:
+            block = held_weight(block, held)
+        raw = workspace.take("output", (stop - start) * cols * out_size)
+        out = raw.view(out_dtype).view(stop - start, cols)
+        out.copy_(block)
+        replace_token_rows(out, start, indices, values, held)
         writer.write(memoryview(raw.numpy()))
 
 

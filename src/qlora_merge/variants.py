@@ -14,6 +14,7 @@ The layer kinds differ only in small ways, each copied from PEFT 0.21 (`tuners/l
 - DoRA: V = W + delta; W' = m / ||V|| * V, the norm taken per output row for Linear (so it can be merged in row
   blocks) and per column of the stored weight for Conv1D and Embedding (so those are merged whole).
 - lora_bias: bias += s * lora_B.bias.
+- trainable tokens: W[indices] = delta.to(W.dtype), rows replaced rather than added to (index_copy).
 """
 
 from __future__ import annotations
@@ -190,6 +191,16 @@ def dora_whole(
 def bias_delta(lora_bias: torch.Tensor, scaling: float) -> torch.Tensor:
     """lora_bias=True: PEFT merges `bias += lora_B.bias * scaling`."""
     return lora_bias * scaling
+
+
+def replace_token_rows(
+    rows: torch.Tensor, start: int, indices: torch.Tensor, values: torch.Tensor, held_dtype: torch.dtype
+) -> None:
+    """Trainable tokens on the block of rows [start, start + len(rows)): the rows named in `indices` take `values`
+    rounded to the dtype PEFT holds the weight in (`W.index_copy(0, indices, delta.to(W))`), then `rows`' dtype."""
+    inside = (indices >= start) & (indices < start + rows.shape[0])
+    if bool(inside.any()):
+        rows.index_copy_(0, indices[inside] - start, values[inside].to(held_dtype).to(rows.dtype))
 
 
 def held_weight(weight: torch.Tensor, held_dtype: torch.dtype) -> torch.Tensor:

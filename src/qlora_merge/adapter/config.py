@@ -74,7 +74,6 @@ KNOWN_FIELDS = frozenset(
 # LoRA variants whose merge is not W + scale * B @ A (or DoRA): refused by name rather than merged wrongly.
 UNSUPPORTED_VARIANTS = {
     "layer_replication": "layer_replication",
-    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
     "target_parameters": "LoRA on parameters (target_parameters, MoE experts)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
@@ -104,6 +103,8 @@ class LoraConfig:
     lora_bias: bool = False
     ensure_weight_tying: bool = False
     round_delta: bool = False  # MiCA merges `W += delta.to(W.dtype)`, rounding the delta first
+    # trainable_token_indices as a mapping: module name (or "" for the input embedding) -> token rows
+    trainable_token_indices: dict[str, tuple[int, ...]] = field(default_factory=dict)
     target_modules: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] | None = None
     base_model_name_or_path: str | None = None
@@ -158,10 +159,31 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         lora_bias=_bool(path, "lora_bias", raw.get("lora_bias", False)),
         ensure_weight_tying=_bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False)),
         round_delta=isinstance(init, str) and init.lower() == "mica",
+        trainable_token_indices=_token_indices(path, raw.get("trainable_token_indices")),
         target_modules=tuple(target_modules) if isinstance(target_modules, list) else target_modules,
         modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, list) else None,
         base_model_name_or_path=raw.get("base_model_name_or_path"),
     )
+
+
+def _token_indices(path: Path, value: Any) -> dict[str, tuple[int, ...]]:
+    """A list of token ids (for the input embedding, keyed "") or a mapping of module names to lists."""
+    if value is None:
+        return {}
+    mapping = {"": value} if isinstance(value, list) else value
+    if not isinstance(mapping, dict):
+        raise AdapterFormatError(f"{path}: 'trainable_token_indices' must be a list or an object of lists")
+    indices: dict[str, tuple[int, ...]] = {}
+    for module, ids in mapping.items():
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise AdapterFormatError(
+                f"{path}: 'trainable_token_indices' for {module or 'the input embedding'!r} must be a list of token "
+                f"ids, got {_short(ids)}"
+            )
+        if len(set(ids)) != len(ids):
+            raise AdapterFormatError(f"{path}: 'trainable_token_indices' repeats a token id: {_short(ids)}")
+        indices[module] = tuple(ids)
+    return indices
 
 
 def _dict(path: Path, raw: dict[str, Any], key: str) -> list[tuple[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, S
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
+TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
 FLOAT_NAMES = ("F32", "F16", "BF16", "F64")
 
 # Suffix of an adapter key -> which part of a LoRA module it is. Older PEFT saved the DoRA magnitude with `.weight`.
@@ -37,9 +38,10 @@ LORA_PARTS = {
     ".lora_magnitude_vector": "magnitude",
     ".lora_magnitude_vector.weight": "magnitude",
 }
-# Wrappers PEFT puts around a module, which a saved key may still name: `<module>.base_layer.weight` is the
-# module's own weight; old files kept `<module>.modules_to_save.<adapter>.weight`.
-_WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.[^.]+)(?=\.)")
+# Wrappers PEFT puts around a module, which a saved key may still name: `<module>.base_layer.weight` (and
+# `<module>.token_adapter.base_layer.weight` with trainable tokens) is the module's own weight; old files kept
+# `<module>.modules_to_save.<adapter>.weight`.
+_WRAPPERS = re.compile(r"\.(base_layer|token_adapter|modules_to_save\.[^.]+)(?=\.)")
 # With a resized vocabulary PEFT also saves the wrapper's inner tensors under other names: the trained copy again
 # (`lm_head.modules_to_save.weight`, its adapter name stripped) and the untrained original
 # (`lm_head.original_module.weight`). PEFT's merged model uses neither when `lm_head.weight` is there.
@@ -97,12 +99,22 @@ class Replacement:
 
 
 @dataclass(frozen=True)
+class TokenDelta:
+    """trainable_token_indices: new values for some rows of an embedding (or tied head), `name` its weight."""
+
+    name: str
+    key: str
+    tensor: AdapterTensor
+
+
+@dataclass(frozen=True)
 class AdapterWeights:
     path: Path
     pairs: dict[str, LoraPair]
     replacements: dict[str, Replacement]
     shapes: dict[str, tuple[int, ...]]  # every key of the file and its shape
     redundant: dict[str, str]  # keys PEFT saves but its merged model does not use, and why
+    token_deltas: dict[str, TokenDelta] = field(default_factory=dict)
 
 
 def find_weights_file(directory: Path) -> Path:
@@ -119,6 +131,7 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
         raise AdapterFormatError(f"{path}: the adapter file contains no tensors")
     parts: dict[str, dict[str, tuple[str, AdapterTensor]]] = {}
     candidates: dict[str, list[Replacement]] = {}
+    token_deltas: dict[str, TokenDelta] = {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
         for suffix, part in LORA_PARTS.items():
@@ -129,10 +142,15 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
                 parts.setdefault(module, {})[part] = (key, tensor)
                 break
         else:
+            if name.endswith(TOKEN_DELTA):
+                _check_float(path, key, tensor)
+                if len(tensor.shape) != 2:
+                    raise AdapterFormatError(f"{path}: '{key}' is {tuple(tensor.shape)}, expected (tokens, dim)")
+                target = f"{name.removesuffix(TOKEN_DELTA)}.weight"
+                token_deltas[target] = TokenDelta(name=target, key=key, tensor=tensor)
+                continue
             if "trainable_tokens" in name:
-                raise UnsupportedAdapter(
-                    f"{path}: '{key}' is a trainable-token delta (trainable_token_indices), not merged yet"
-                )
+                raise UnsupportedAdapter(f"{path}: '{key}' is an unknown trainable-tokens tensor")
             if ".lora_" in name or name.startswith("lora_"):
                 raise UnsupportedAdapter(f"{path}: '{key}' is an unknown LoRA tensor; qlora-merge cannot merge it")
             _check_float(path, key, tensor)
@@ -157,7 +175,14 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
             redundant[other.key] = f"PEFT's {other.wrapper} copy of '{primary.key}', not used by its merged model"
     pairs = {module: _checked_pair(path, module, found) for module, found in parts.items()}
     shapes = {key: tuple(int(n) for n in tensor.shape) for key, tensor in tensors.items()}
-    return AdapterWeights(path=path, pairs=pairs, replacements=replacements, shapes=shapes, redundant=redundant)
+    return AdapterWeights(
+        path=path,
+        pairs=pairs,
+        replacements=replacements,
+        shapes=shapes,
+        redundant=redundant,
+        token_deltas=token_deltas,
+    )
 
 
 def describe_key(key: str) -> str:
@@ -171,6 +196,8 @@ def describe_key(key: str) -> str:
         return "LoRA bias (lora_bias)"
     if ".lora_A." in name or ".lora_B." in name:
         return "LoRA factor"
+    if name.endswith(TOKEN_DELTA):
+        return "trainable tokens"
     if ".original_module." in name:
         return "original module"
     if name.endswith(".bias"):
