@@ -34,6 +34,9 @@ STYLES: dict[str, dict[str, object]] = {
     DIRECT_READ: {"color": "#8c564b", "linewidth": 1.2, "marker": ".", "linestyle": ":"},
 }
 
+# Value labels: PEFT's below its points, the others above, so close peers (PEFT, axolotl) stay readable.
+LABEL_OFFSETS = {PEFT: (5, -11)}
+
 # (series label, tool) -> {billions of parameters: (wall s, peak RSS bytes)}
 Series = dict[tuple[str, str], dict[float, tuple[float, int]]]
 
@@ -77,12 +80,13 @@ def draw(series: Series, ticks: dict[float, str], output: Path) -> None:
         walls = [points[size][0] for size in sizes]
         time_axis.plot(sizes, walls, label=label, **style)
         if tool not in FLOORS:
+            offset = LABEL_OFFSETS.get(tool, (4, 4))
             memory_axis.plot(sizes, [points[size][1] / GB for size in sizes], label=label, **style)
             for size, wall in zip(sizes, walls, strict=True):
-                time_axis.annotate(f"{wall:.1f}", (size, wall), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                time_axis.annotate(f"{wall:.1f}", (size, wall), textcoords="offset points", xytext=offset, fontsize=7)
             for size in sizes:
                 rss = points[size][1] / GB
-                memory_axis.annotate(f"{rss:.2f}", (size, rss), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                memory_axis.annotate(f"{rss:.2f}", (size, rss), textcoords="offset points", xytext=offset, fontsize=7)
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     for axis, title, unit in (
         (time_axis, "Merge + save wall time (lower is better)", "seconds"),
