@@ -47,3 +47,15 @@ def test_closing_before_all_ranges_are_taken_does_not_hang(tmp_path: Path) -> No
     with ReadAhead([ByteRange(path, i, 64) for i in range(0, 16000, 64)], depth=2) as ahead:
         ahead.take(path, 0, 64)
     assert threading.active_count() == before
+
+
+def test_announced_ranges_are_hinted_not_handed_out(tmp_path: Path) -> None:
+    """Copies made elsewhere are announced (fetch=False) for the kernel's sake; take() only sees fetched ranges."""
+    path = data_file(tmp_path)
+    fetched = [ByteRange(path, 0, 16), ByteRange(path, 4096, 16)]
+    ranges = [fetched[0], ByteRange(path, 16, 4080, fetch=False), fetched[1], ByteRange(path, 4112, 100, fetch=False)]
+    with ReadAhead(ranges) as ahead:
+        for r in fetched:
+            assert bytes(ahead.take(r.path, r.offset, r.nbytes).numpy()) == path.read_bytes()[r.offset : r.offset + 16]
+        with pytest.raises(RuntimeError, match="order"):
+            ahead.take(path, 4112, 100)

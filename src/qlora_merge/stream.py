@@ -101,10 +101,13 @@ def _dtype(tensor: AdapterTensor) -> torch.dtype:
 
 
 def _input_ranges(plan: MergePlan, steps: dict[str, int]) -> Iterator[ByteRange]:
-    """The reads that stream through the merge, in the order it makes them. Copies go file to file, and the
-    few whole tensors (biases, column-normed DoRA) and in-memory adapter tensors are read where they are used."""
+    """The reads that stream through the merge, in the order it makes them. Copies go file to file (announced,
+    not fetched), and the few whole tensors (biases, column-normed DoRA) are read where they are used."""
     for task in plan.tasks:
-        if task.action is Action.CONVERT:
+        if task.action is Action.COPY:
+            assert task.source is not None
+            yield ByteRange(task.source.file, task.source.start, task.source.nbytes, fetch=False)
+        elif task.action is Action.CONVERT:
             assert task.source is not None
             yield from _convert_ranges(task.source)
         elif task.action is Action.REPLACE:
