@@ -283,6 +283,18 @@ def base_config_invalid_json(src: Sources, tmp: Path) -> Bad:
     return Bad(base, src.adapter, base / "config.json")
 
 
+def base_config_field(**fields: object) -> Callable[[Sources, Path], Bad]:
+    """The base's config.json with `fields` set to values of the wrong type."""
+
+    def build(src: Sources, tmp: Path) -> Bad:
+        base = copy_base(src, tmp)
+        config = json.loads((base / "config.json").read_text())
+        (base / "config.json").write_text(json.dumps(config | fields))
+        return Bad(base, src.adapter, base / "config.json")
+
+    return build
+
+
 def base_config_nested_too_deep(src: Sources, tmp: Path) -> Bad:
     base = copy_base(src, tmp)
     (base / "config.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -439,6 +451,13 @@ CASES: list[tuple[str, Callable[[Sources, Path], Bad], type[MergeError], str]] =
     ("alpha-string", config_edit(lora_alpha="16"), AdapterFormatError, "'lora_alpha' must be a finite number"),
     ("rslora-string", config_edit(use_rslora="yes"), AdapterFormatError, "'use_rslora' must be true or false"),
     ("rank-pattern-list", config_edit(rank_pattern=[8]), AdapterFormatError, "'rank_pattern' must be an object"),
+    (
+        "modules-to-save-string",
+        config_edit(modules_to_save="embed_tokens"),
+        AdapterFormatError,
+        "'modules_to_save' must be a list of module names",
+    ),
+    ("target-modules-mixed", config_edit(target_modules=["q_proj", 1]), AdapterFormatError, "'target_modules' must"),
     ("rank-pattern-zero", config_edit(rank_pattern={"q_proj": 0}), AdapterFormatError, "must be a positive integer"),
     ("peft-type-ia3", config_edit(peft_type="IA3"), UnsupportedAdapter, "peft_type 'IA3' is not supported"),
     ("peft-type-prefix", config_edit(peft_type="PREFIX_TUNING"), UnsupportedAdapter, "'PREFIX_TUNING'"),
@@ -541,6 +560,16 @@ CASES: list[tuple[str, Callable[[Sources, Path], Bad], type[MergeError], str]] =
     ("base-only-pytorch-bin", base_only_pickle, CheckpointFormatError, "only pickle"),
     ("base-config-invalid-json", base_config_invalid_json, CheckpointFormatError, "not valid JSON"),
     ("base-config-nested-too-deep", base_config_nested_too_deep, CheckpointFormatError, "not valid JSON"),
+    *[
+        (f"base-config-{key}-wrong-type", base_config_field(**{key: value}), CheckpointFormatError, "wrong type")
+        for key, value in [
+            ("architectures", [1]),
+            ("model_type", ["llama"]),
+            ("text_config", "x"),
+            ("tie_word_embeddings", "yes"),
+            ("vocab_size", "160"),
+        ]
+    ],
     ("base-unknown-dtype", base_unknown_dtype, CheckpointFormatError, "unknown dtype 'Q4_K'"),
     ("base-shard-truncated", base_shard_truncated, CheckpointFormatError, "outside the file"),
     ("index-names-missing-shard", index_names_missing_shard, InputNotFound, "is missing"),

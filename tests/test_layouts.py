@@ -201,3 +201,24 @@ def test_failure_midway_leaves_nothing(llama: tuple, tmp_path: Path, monkeypatch
         merge(base, adapter, tmp_path / "merged" / "run-1" / "out")
     assert calls == 5
     assert list(tmp_path.iterdir()) == [], "neither the staging dir nor the parents made for it are left"
+
+
+def test_a_failed_final_rename_puts_the_old_output_back(
+    llama: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, adapter, _ = llama
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous merge")
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        if self.name.startswith(".out.partial-"):
+            raise OSError(5, "Input/output error")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        merge(base, adapter, out, overwrite=True)
+    assert (out / "old.txt").read_text() == "previous merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging or retired directory left"

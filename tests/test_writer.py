@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from factories import assert_same_tensors, make_adapter, make_base, peft_merge, read_tensors
 from safetensors import safe_open
 
-from qlora_merge import merge
+from qlora_merge import OutputError, merge
 from qlora_merge.checkpoint import writer as writer_module
 from qlora_merge.checkpoint.format import TORCH_TO_NAME, read_safetensors_header
 from qlora_merge.checkpoint.writer import CheckpointWriter, OutputTensor, plan_shards
@@ -46,7 +47,7 @@ def write_with(tmp_path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
         for name, data in raw.items():
             writer.begin(name)
             if copy:
-                writer.copy_from(fd, offset, len(data))
+                writer.copy_from(fd, offset, len(data), source)
             else:
                 half = len(data) // 2  # two calls per tensor: write() must append, not restart
                 writer.write(data[:half])
@@ -93,24 +94,52 @@ def test_bytes_survive_piece_boundaries(
 def test_write_error_in_the_background_thread_fails_the_merge_cleanly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A full disk is a user's problem, not a bug: one OutputError naming the shard, and nothing left behind."""
     base = make_base("llama", tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter", "llama")
     monkeypatch.setattr(writer_module, "PIECE_BYTES", 4 * writer_module.BLOCK_BYTES)
-    real_pwrite = os.pwrite
-    calls = 0
-
-    def failing_pwrite(fd: int, data: memoryview, offset: int) -> int:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(writer_module.os, "pwrite", failing_pwrite)
-    with pytest.raises(OSError, match="No space left"):
+    failing = FailingPwrite(OSError(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setattr(writer_module.os, "pwrite", failing)
+    with pytest.raises(OutputError, match=r"model\.safetensors: cannot write \(No space left on device\)"):
         merge(base, adapter, tmp_path / "out")
-    assert calls >= 3
+    assert failing.calls >= 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"], "no output and no staging dir"
+
+
+def test_any_error_in_the_writer_thread_ends_the_merge_instead_of_hanging(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make_base("llama", tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", "llama")
+    monkeypatch.setattr(writer_module, "PIECE_BYTES", 4 * writer_module.BLOCK_BYTES)
+    monkeypatch.setattr(writer_module.os, "pwrite", FailingPwrite(ValueError("a bug in the writer")))
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            merge(base, adapter, tmp_path / "out")
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the merge hung after its writer thread failed"
+    assert len(raised) == 1 and isinstance(raised[0], ValueError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+class FailingPwrite:
+    """os.pwrite that raises `error` on its third call."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error, self.calls, self.real = error, 0, os.pwrite
+
+    def __call__(self, fd: int, data: memoryview, offset: int) -> int:
+        self.calls += 1
+        if self.calls == 3:
+            raise self.error
+        return self.real(fd, data, offset)
 
 
 def test_merge_without_direct_io_is_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

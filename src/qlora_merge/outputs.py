@@ -93,7 +93,13 @@ def publish(staging: Path, output: Path) -> None:
     if output.exists():
         retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
         output.rename(retired / output.name)
-    staging.rename(output)
+    try:
+        staging.rename(output)
+    except BaseException:
+        if retired is not None:  # put the old output back: a failed merge must leave it as it was
+            (retired / output.name).rename(output)
+            retired.rmdir()
+        raise
     _fsync_dir(output.parent)
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)

@@ -67,7 +67,8 @@ def run_plan(plan: MergePlan, reader: TensorReader, writer: CheckpointWriter, on
                 writer.begin(task.output.name)
                 if task.action is Action.COPY:
                     assert task.source is not None
-                    writer.copy_from(reader.fd(task.source.file), task.source.start, task.source.nbytes)
+                    source = task.source
+                    writer.copy_from(reader.fd(source.file), source.start, source.nbytes, source.file)
                 elif task.action is Action.CONVERT:
                     assert task.source is not None
                     _convert(task.source, task.output.dtype, ahead, writer, workspace)

@@ -160,10 +160,21 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         ensure_weight_tying=_bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False)),
         round_delta=isinstance(init, str) and init.lower() == "mica",
         trainable_token_indices=_token_indices(path, raw.get("trainable_token_indices")),
-        target_modules=tuple(target_modules) if isinstance(target_modules, list) else target_modules,
-        modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, list) else None,
+        target_modules=_names(path, "target_modules", target_modules, regex_allowed=True),
+        modules_to_save=_names(path, "modules_to_save", modules_to_save, regex_allowed=False),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
     )
+
+
+def _names(path: Path, key: str, value: Any, regex_allowed: bool) -> tuple[str, ...] | str | None:
+    """A list of module names (or, for target_modules, one regex string as PEFT allows), else an error: a name
+    list read wrongly would change what is merged without a word."""
+    if value is None or (regex_allowed and isinstance(value, str)):
+        return value
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    kind = "a list of module names" + (" or a regex string" if regex_allowed else "")
+    raise AdapterFormatError(f"{path}: '{key}' must be {kind}, got {_short(value)}")
 
 
 def _token_indices(path: Path, value: Any) -> dict[str, tuple[int, ...]]:

@@ -63,6 +63,8 @@ class TensorReader:
 
 # How far ahead of the merge the read-ahead asks the kernel to fetch each input file.
 HINT_BYTES = 256 << 20
+# Buffers up to this size are kept for the next range; merge blocks and convert chunks stay well below it.
+KEEP_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,9 @@ class ReadAhead:
     def take(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
         """The bytes of the next range, which must be this one; valid until the next take()."""
         if self._held is not None:
-            self._free.put(self._held)
+            # A whole-tensor read (a shape merged unblocked) would otherwise pin its size in memory for good.
+            keep = self._held.numel() <= KEEP_BYTES
+            self._free.put(self._held if keep else torch.empty(0, dtype=torch.uint8))
             self._held = None
         item = self._ready.get()
         if isinstance(item, BaseException):

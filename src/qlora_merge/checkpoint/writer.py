@@ -16,6 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import CheckpointFormatError, OutputError
 from .format import encode_header, tensor_nbytes
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -129,18 +130,22 @@ class CheckpointWriter:
         self._remaining -= len(view)
         self.bytes_written += len(view)
 
-    def copy_from(self, src_fd: int, offset: int, count: int) -> None:
-        """Copy bytes of another file: read straight into the output piece, no intermediate buffer."""
+    def copy_from(self, src_fd: int, offset: int, count: int, source: Path) -> None:
+        """Copy bytes of another file (`source`, for messages): read straight into the output piece."""
         if count > self._remaining:
             raise RuntimeError("more bytes copied than the tensor holds")
         file = self._current()
         end = offset + count
         while offset < end:
             space = file.space(self._pieces)
-            n = os.preadv(src_fd, [space[: end - offset]], offset)
-            space.release()
+            try:
+                n = os.preadv(src_fd, [space[: end - offset]], offset)
+            except OSError as exc:
+                raise CheckpointFormatError(f"{source}: cannot read ({exc.strerror or exc})") from exc
+            finally:
+                space.release()
             if n == 0:
-                raise OSError(f"source ended early at byte {offset}")
+                raise CheckpointFormatError(f"{source}: file ended early (truncated while reading)")
             file.advance(n, self._pieces)
             offset += n
             self._remaining -= n
@@ -189,7 +194,10 @@ class CheckpointWriter:
         shard = self._shards[shard_index]
         path = self._directory / shard.file_name
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if self._direct else 0)
-        self._file = _OpenShard(os.open(path, flags, 0o644))
+        try:
+            self._file = _OpenShard(os.open(path, flags, 0o644), path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot create ({exc.strerror or exc})") from exc
         self._open_shard = shard_index
         self._put(memoryview(encode_header([(t.name, t.dtype, t.shape) for t in shard.tensors], self._metadata)))
 
@@ -224,8 +232,8 @@ class _PieceWriter:
         self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(PIECE_COUNT):
             self._free.put(_touched_piece(piece_bytes))
-        self._jobs: queue.Queue[tuple[int, mmap.mmap, int, int] | None] = queue.Queue()
-        self._error: OSError | None = None
+        self._jobs: queue.Queue[tuple[_OpenShard, mmap.mmap, int, int] | None] = queue.Queue()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="qlora-merge-writer", daemon=True)
         self._thread.start()
 
@@ -233,8 +241,8 @@ class _PieceWriter:
         self._raise_error()
         return self._free.get()
 
-    def submit(self, fd: int, piece: mmap.mmap, length: int, offset: int) -> None:
-        self._jobs.put((fd, piece, length, offset))
+    def submit(self, file: _OpenShard, piece: mmap.mmap, length: int, offset: int) -> None:
+        self._jobs.put((file, piece, length, offset))
 
     def drain(self) -> None:
         """Wait until every submitted piece is on its file."""
@@ -253,15 +261,18 @@ class _PieceWriter:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            fd, piece, length, offset = job
+            file, piece, length, offset = job
             try:
                 if self._error is None:
                     view = memoryview(piece)
                     done = 0
                     while done < length:
-                        done += os.pwrite(fd, view[done:length], offset + done)
+                        done += os.pwrite(file.fd, view[done:length], offset + done)
                     view.release()
             except OSError as exc:
+                self._error = OutputError(f"{file.path}: cannot write ({exc.strerror or exc})")
+                self._error.__cause__ = exc
+            except BaseException as exc:  # kept for the caller: a dead thread would leave it waiting forever
                 self._error = exc
             finally:
                 self._free.put(piece)
@@ -283,8 +294,9 @@ def _touched_piece(size: int) -> mmap.mmap:
 class _OpenShard:
     """One output file being filled piece by piece; `written` counts the bytes handed to it so far."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: Path) -> None:
         self.fd = fd
+        self.path = path
         self._piece: mmap.mmap | None = None
         self._fill = 0
         self._piece_offset = 0
@@ -299,7 +311,7 @@ class _OpenShard:
     def advance(self, n: int, pieces: _PieceWriter) -> None:
         self._fill += n
         if self._fill == pieces.piece_bytes:
-            pieces.submit(self.fd, self._piece, self._fill, self._piece_offset)  # type: ignore[arg-type]
+            pieces.submit(self, self._piece, self._fill, self._piece_offset)  # type: ignore[arg-type]
             self._piece_offset += self._fill
             self._piece = None
 
@@ -307,11 +319,14 @@ class _OpenShard:
         """Write the last, partial piece padded to a whole block, cut the file to its size, fsync, close."""
         size = self._piece_offset + (self._fill if self._piece is not None else 0)
         if self._piece is not None:
-            pieces.submit(self.fd, self._piece, _round_up(self._fill, BLOCK_BYTES), self._piece_offset)
+            pieces.submit(self, self._piece, _round_up(self._fill, BLOCK_BYTES), self._piece_offset)
             self._piece = None
         pieces.drain()
-        os.ftruncate(self.fd, size)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, size)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot finish writing ({exc.strerror or exc})") from exc
         self.close_fd()
 
     def close_fd(self) -> None:
