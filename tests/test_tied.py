@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import torch
 from factories import assert_same_tensors, logits, make_adapter, make_base, peft_merge, read_config, read_tensors
+from safetensors.torch import load_file
 
-from qlora_merge import merge
+from qlora_merge import UnsupportedAdapter, merge
 from qlora_merge.outputs import write_config
 
 EMBED = {"qwen2": "model.embed_tokens.weight", "gemma": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight"}
@@ -94,6 +95,18 @@ def test_peft_merge_is_wrong_where_we_differ(tmp_path: Path) -> None:
     adapter = make_adapter(base, tmp_path / "adapter", "qwen2", target_modules=["lm_head"])
     peft_merge(base, adapter, tmp_path / "peft", torch.float32)
     assert not torch.allclose(logits(tmp_path / "peft"), logits(base, adapter), atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"], ids=["tied", "untied"])
+def test_a_lora_bias_on_a_head_without_bias_is_refused_tied_or_not(arch: str, tmp_path: Path) -> None:
+    """The unmerged model adds lm_head.lora_B.bias to the logits, but the merged model's head has no bias to hold it
+    (PEFT cannot merge it either): refused by name, whether the head is tied to the embedding or not, never dropped."""
+    base = make_base(arch, tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", arch, target_modules=["lm_head"], lora_bias=True)
+    assert "base_model.model.lm_head.lora_B.bias" in load_file(adapter / "adapter_model.safetensors")
+    with pytest.raises(UnsupportedAdapter, match=r"lm_head\.lora_B\.bias' is a LoRA bias but .* has no bias to add it"):
+        merge(base, adapter, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
 
 
 def test_untying_edits_nested_text_config(tmp_path: Path) -> None:

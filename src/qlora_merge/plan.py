@@ -90,6 +90,8 @@ class TokenUpdate:
 
 
 Update = LoraUpdate | BiasUpdate | TokenUpdate
+# Output tensor name -> its update and the adapter keys that make it.
+Updates = dict[str, tuple[Update, tuple[str, ...]]]
 
 
 @dataclass(frozen=True)
@@ -199,23 +201,10 @@ def build_plan(
         if target is None:
             continue
         entry = base.tensors[target]
-        updates[target] = _lora_update(weights.path, pair, entry, config, base_config, replacements.get(target))
-        keys.setdefault(target, []).extend(k for k in pair.keys if not k.endswith(".lora_B.bias"))
-        if pair.bias is not None:
-            bias_name = target.removesuffix(".weight") + ".bias"
-            bias_key = next(k for k in pair.keys if k.endswith(".lora_B.bias"))
-            bias_entry = base.tensors.get(bias_name)
-            if bias_entry is None:
-                raise UnsupportedAdapter(
-                    f"{adapter_file}: '{bias_key}' is a LoRA bias but base tensor '{target}' has no bias to add it to"
-                )
-            if bias_entry.shape != tuple(pair.bias.shape):
-                raise ShapeMismatch(
-                    f"{adapter_file}: '{bias_key}' is {tuple(pair.bias.shape)} but base tensor '{bias_name}' "
-                    f"is {bias_entry.shape}"
-                )
-            updates[bias_name] = BiasUpdate(pair.bias, _scaling(pair, config))
-            keys.setdefault(bias_name, []).append(bias_key)
+        lora = _lora_updates(weights.path, pair, target, entry, base, config, base_config, replacements.get(target))
+        for output, (update, update_keys) in lora.items():
+            updates[output] = update
+            keys.setdefault(output, []).extend(update_keys)
     for name, tokens in weights.token_deltas.items():
         target = matched[name]
         if target is None:
@@ -228,6 +217,32 @@ def build_plan(
         shape = replacements[target].shape if target in replacements else base.tensors[target].shape
         updates[target] = _token_update(config, tokens, shape, embeddings, base.tensors[target])
         keys.setdefault(target, []).append(tokens.key)
+
+    changes: dict[str, Any] = {}
+    tied_copies: list[str] = []
+    head_task = None
+    if embeddings.tied and embeddings.input is not None:
+        head_task, head_keys, head_bias = _tied_head_task(
+            base,
+            embeddings.input,
+            head,
+            lora_names,
+            weights,
+            replacements,
+            updates,
+            config,
+            base_config,
+            out_dtype,
+            embeddings,
+            same_values,
+        )
+        if head_task is None:
+            tied_copies.extend(head_keys)
+        else:
+            changes["tie_word_embeddings"] = False
+        for output, (update, update_keys) in head_bias.items():
+            updates[output] = update
+            keys.setdefault(output, []).extend(update_keys)
 
     tasks = []
     for entry in base.tensors.values():
@@ -245,29 +260,8 @@ def build_plan(
                 weights.path,
             )
         )
-
-    changes: dict[str, Any] = {}
-    tied_copies: list[str] = []
-    if embeddings.tied and embeddings.input is not None:
-        head_task, head_keys = _tied_head_task(
-            base,
-            embeddings.input,
-            head,
-            lora_names,
-            weights,
-            replacements,
-            updates,
-            config,
-            base_config,
-            out_dtype,
-            embeddings,
-            same_values,
-        )
-        if head_task is None:
-            tied_copies.extend(head_keys)
-        else:
-            tasks.append(head_task)
-            changes["tie_word_embeddings"] = False
+    if head_task is not None:
+        tasks.append(head_task)
     unused = []
     for name in unmatched:
         if name == head and embeddings.tied and embeddings.input is not None:
@@ -381,9 +375,10 @@ def _tied_head_task(
     out_dtype: str,
     embeddings: Embeddings,
     same_values: SameValues | None,
-) -> tuple[TensorTask | None, tuple[str, ...]]:
+) -> tuple[TensorTask | None, tuple[str, ...], Updates]:
     """The output head of a tied base, as the unmerged PeftModel computes it: None while it still equals the merged
-    embedding (tying survives), else a task writing it as its own tensor.
+    embedding (tying survives), else a task writing it as its own tensor; with the head's adapter keys, and the
+    update of the head's bias (a LoRA bias, lora_bias) with its keys.
 
     In the unmerged model the head shares the embedding's *base* parameter: it sees what the adapter loads into
     that parameter (`embed_tokens.base_layer.weight`, or a resized embedding saved as `embed_tokens.weight`), but
@@ -411,14 +406,18 @@ def _tied_head_task(
     if _same_weight(head_values, embed_replacement, same_values) and _same_update(
         head_pair, token_update, embed_update, config, same_values
     ):
-        return None, head_keys
+        return None, head_keys, {}
+    name = head or DEFAULT_HEAD
     update: Update | None = token_update
+    lora: Updates = {}
     if head_pair is not None:
-        update = _lora_update(weights.path, head_pair, entry, config, base_config, head_values)
+        lora = _lora_updates(weights.path, head_pair, name, entry, base, config, base_config, head_values)
+        update, lora_keys = lora.pop(name)
+        head_keys = lora_keys + tuple(t.key for t in (head_replacement, head_tokens) if t is not None)
     note = f"untied from {entry.name}"
     task = _task(
         entry,
-        head or DEFAULT_HEAD,
+        name,
         out_dtype,
         head_values,
         update,
@@ -429,7 +428,7 @@ def _tied_head_task(
         weights.path,
         note,
     )
-    return task, head_keys
+    return task, head_keys, lora
 
 
 def _token_update(
@@ -501,6 +500,8 @@ def _same_update(
         return head_pair is None and embed_update is None
     if not isinstance(embed_update, LoraUpdate) or embed_update.dora or head_pair.magnitude is not None:
         return False
+    if head_pair.bias is not None:  # an embedding LoRA has no bias (PEFT refuses lora_bias there): no mirror
+        return False
     embed_pair = embed_update.pair
     return (
         same_values is not None
@@ -561,6 +562,39 @@ def _check_config_agrees(config: LoraConfig, weights: AdapterWeights) -> None:
 def _scaling(pair: LoraPair, config: LoraConfig) -> float:
     r, alpha = module_rank_alpha(pair.module, config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern)
     return lora_scaling(alpha, r, config.use_rslora)
+
+
+def _lora_updates(
+    adapter_path: Path,
+    pair: LoraPair,
+    name: str,
+    weight: TensorEntry,
+    base: CheckpointIndex,
+    config: LoraConfig,
+    base_config: dict[str, Any],
+    replacement: Replacement | None = None,
+) -> Updates:
+    """What one LoRA does to the output, per output tensor with the adapter keys it uses: the delta on the weight
+    `name` (whose values are `weight`'s, or `replacement`'s), and with lora_bias the bias added to `name`'s bias,
+    which the base must have (PEFT cannot merge it either: "the base layer has no bias")."""
+    update = _lora_update(adapter_path, pair, weight, config, base_config, replacement)
+    bias_key = next((k for k in pair.keys if k.endswith(".lora_B.bias")), "")
+    updates: Updates = {name: (update, tuple(k for k in pair.keys if k != bias_key))}
+    if pair.bias is None:
+        return updates
+    bias_name = name.removesuffix(".weight") + ".bias"
+    bias_entry = base.tensors.get(bias_name)
+    if bias_entry is None:
+        raise UnsupportedAdapter(
+            f"{adapter_path}: '{bias_key}' is a LoRA bias but base tensor '{name}' has no bias to add it to"
+        )
+    if bias_entry.shape != tuple(pair.bias.shape):
+        raise ShapeMismatch(
+            f"{adapter_path}: '{bias_key}' is {tuple(pair.bias.shape)} but base tensor '{bias_name}' "
+            f"is {bias_entry.shape}"
+        )
+    updates[bias_name] = (BiasUpdate(pair.bias, update.scaling), (bias_key,))
+    return updates
 
 
 def _lora_update(
