@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import torch
 from factories import assert_same_tensors, logits, make_adapter, make_base, peft_merge, read_config, read_tensors
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from qlora_merge import UnsupportedAdapter, merge
+from qlora_merge import UnsupportedAdapter, merge, pipeline
+from qlora_merge.checkpoint.format import read_safetensors_header
+from qlora_merge.checkpoint.reader import TensorReader
 from qlora_merge.outputs import write_config
 
 EMBED = {"qwen2": "model.embed_tokens.weight", "gemma": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight"}
@@ -107,6 +109,27 @@ def test_a_lora_bias_on_a_head_without_bias_is_refused_tied_or_not(arch: str, tm
     with pytest.raises(UnsupportedAdapter, match=r"lm_head\.lora_B\.bias' is a LoRA bias but .* has no bias to add it"):
         merge(base, adapter, tmp_path / "ours")
     assert not (tmp_path / "ours").exists()
+
+
+def test_tied_copies_are_compared_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole tensors (a saved embedding against a saved head) are compared in chunks, from the file or from memory
+    (a .bin adapter); a difference in the last chunk, or another dtype, still counts."""
+    monkeypatch.setattr(pipeline, "COMPARE_CHUNK_BYTES", 100)
+    values = torch.randn(40, 16)
+    changed = values.clone()
+    changed[-1, -1] += 1
+    path = tmp_path / "t.safetensors"
+    save_file({"a": values, "b": values.clone(), "c": changed, "d": values.to(torch.bfloat16)}, path)
+    entries = {entry.name: entry for entry in read_safetensors_header(path).tensors}
+    with TensorReader() as reader:
+
+        def same(first: Any, second: Any, transpose: bool = False) -> bool:
+            return pipeline._same_values(first, second, transpose, reader)
+
+        assert same(entries["a"], entries["b"]) and same(entries["a"], values) and same(values, entries["b"])
+        assert not same(entries["a"], entries["c"]) and not same(changed, entries["a"])
+        assert not same(entries["a"], entries["d"])
+        assert same(entries["a"], values.T.contiguous(), True) and not same(entries["a"], values, True)
 
 
 def test_untying_edits_nested_text_config(tmp_path: Path) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..checkpoint.format import TORCH_TO_NAME, TensorEntry, read_safetensors_header
+from ..checkpoint.format import DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
 from ..checkpoint.reader import TensorReader
 from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, ShapeMismatch, UnsupportedAdapter
 
@@ -272,6 +273,27 @@ def load_factor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
 def read_tensor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
     """An adapter tensor as saved (its own dtype)."""
     return reader.read(tensor) if isinstance(tensor, TensorEntry) else tensor
+
+
+def read_chunks(tensor: AdapterTensor, reader: TensorReader, nbytes: int) -> Iterator[torch.Tensor]:
+    """An adapter tensor's values as saved, flattened, about `nbytes` at a time (whole elements); each chunk is
+    valid until the next one is asked for."""
+    if not isinstance(tensor, TensorEntry):
+        flat = tensor.reshape(-1)
+        count = max(nbytes // tensor.element_size(), 1)
+        for start in range(0, flat.numel(), count):
+            yield flat[start : start + count]
+        return
+    step = max(nbytes // DTYPES[tensor.dtype][1], 1) * DTYPES[tensor.dtype][1]
+    buffer = torch.empty(min(step, tensor.nbytes), dtype=torch.uint8)
+    for offset in range(0, tensor.nbytes, step):
+        piece = buffer[: min(step, tensor.nbytes - offset)]
+        reader.read_bytes_into(tensor.file, tensor.start + offset, piece)
+        yield piece.view(tensor.torch_dtype)
+
+
+def dtype_of(tensor: AdapterTensor) -> torch.dtype:
+    return tensor.torch_dtype if isinstance(tensor, TensorEntry) else tensor.dtype
 
 
 def _read_safetensors(path: Path) -> dict[str, AdapterTensor]:
