@@ -78,7 +78,7 @@ class Inputs:
     architecture: str
     plan: MergePlan
     companions: tuple[Path, ...]
-    weights: AdapterWeights
+    coverage: tuple[CoverageRow, ...]  # every adapter tensor and what it does to the output
 
 
 def merge(
@@ -159,7 +159,7 @@ def _result(
         bytes_written=plan.output_bytes if dry_run else bytes_written,
         dry_run=dry_run,
         config_changes=dict(plan.config_changes),
-        coverage=tuple(coverage(plan, inputs.weights)),
+        coverage=inputs.coverage,
         unused=plan.unused,
         reshaped=tuple(_reshaped(plan)),
         timings=timings,
@@ -212,7 +212,7 @@ def _prepare(
                 allow_unused=allow_unused,
                 same_values=lambda x, y, transpose: _same_values(x, y, transpose, reader),
             )
-        _check_every_key_used(plan, weights)
+        rows = coverage(plan, weights)
         stage.detail = _adapter_detail(config, weights)
     return Inputs(
         base_dir=base_dir,
@@ -221,7 +221,7 @@ def _prepare(
         architecture=resolved_loader.architecture,
         plan=plan,
         companions=tuple(companions + from_adapter),
-        weights=weights,
+        coverage=tuple(rows),
     )
 
 
@@ -264,15 +264,6 @@ def _same_values(first: AdapterTensor, second: AdapterTensor, transpose: bool, r
         return False
     pieces = (read_chunks(tensor, reader, COMPARE_CHUNK_BYTES) for tensor in (first, second))
     return all(bool((a == b).all()) for a, b in zip(*pieces, strict=True))
-
-
-def _check_every_key_used(plan: MergePlan, weights: AdapterWeights) -> None:
-    """Every adapter tensor is accounted for by the plan: used, a checked tied copy, or explicitly allowed unused."""
-    accounted = {key for task in plan.tasks for key in task.adapter_keys}
-    accounted |= set(plan.tied_copies) | set(plan.unused) | set(weights.redundant)
-    missing = [key for key in weights.shapes if key not in accounted]
-    if missing:
-        raise RuntimeError(f"{weights.path}: adapter tensors the plan does not use: {', '.join(missing[:5])}")
 
 
 def _write(inputs: Inputs, staging: Path, dtype: str, progress: ProgressCallback, timings: dict[str, float]) -> int:

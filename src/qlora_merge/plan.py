@@ -135,7 +135,8 @@ class CoverageRow:
 
 
 def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
-    """Every adapter tensor -> the output tensor it changes, in adapter-file order."""
+    """Every adapter tensor -> the output tensor it changes, in adapter-file order. Each one must be accounted for:
+    used, a checked tied copy, not needed, or explicitly allowed unused; one the plan forgot is a bug."""
     rows: dict[str, CoverageRow] = {}
     for task in plan.tasks:
         action = task.action.value + (f", {task.note}" if task.note else "")
@@ -153,7 +154,10 @@ def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
         rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), "unused (--allow-unused)")
     for key, why in weights.redundant.items():
         rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), f"not needed: {why}")
-    return [rows[key] for key in weights.shapes if key in rows]
+    missing = [key for key in weights.shapes if key not in rows]
+    if missing:
+        raise RuntimeError(f"{weights.path}: adapter tensors the plan does not use: {', '.join(missing[:5])}")
+    return [rows[key] for key in weights.shapes]
 
 
 @dataclass(frozen=True)
