@@ -23,29 +23,29 @@ def test_ranges_arrive_in_order_with_their_bytes(tmp_path: Path) -> None:
     expected = path.read_bytes()
     with ReadAhead(ranges, depth=2) as ahead:
         for r in ranges:
-            assert bytes(ahead.take(r.path, r.offset, r.nbytes).numpy()) == expected[r.offset : r.offset + r.nbytes]
+            assert bytes(ahead.take(r).numpy()) == expected[r.offset : r.offset + r.nbytes]
 
 
 def test_a_take_out_of_order_is_an_error(tmp_path: Path) -> None:
     path = data_file(tmp_path)
     with ReadAhead([ByteRange(path, 0, 8), ByteRange(path, 8, 8)]) as ahead, pytest.raises(RuntimeError, match="order"):
-        ahead.take(path, 8, 8)
+        ahead.take(ByteRange(path, 8, 8))
 
 
 def test_a_read_error_in_the_thread_is_raised_by_take(tmp_path: Path) -> None:
     path = data_file(tmp_path)
     ranges = [ByteRange(path, 0, 8), ByteRange(path, 16380, 100)]  # the second runs past the end of the file
     with ReadAhead(ranges) as ahead:
-        ahead.take(path, 0, 8)
+        ahead.take(ByteRange(path, 0, 8))
         with pytest.raises(CheckpointFormatError, match="ended early"):
-            ahead.take(path, 16380, 100)
+            ahead.take(ByteRange(path, 16380, 100))
 
 
 def test_closing_before_all_ranges_are_taken_does_not_hang(tmp_path: Path) -> None:
     path = data_file(tmp_path)
     before = threading.active_count()
     with ReadAhead([ByteRange(path, i, 64) for i in range(0, 16000, 64)], depth=2) as ahead:
-        ahead.take(path, 0, 64)
+        ahead.take(ByteRange(path, 0, 64))
     assert threading.active_count() == before
 
 
@@ -56,6 +56,6 @@ def test_announced_ranges_are_hinted_not_handed_out(tmp_path: Path) -> None:
     ranges = [fetched[0], ByteRange(path, 16, 4080, fetch=False), fetched[1], ByteRange(path, 4112, 100, fetch=False)]
     with ReadAhead(ranges) as ahead:
         for r in fetched:
-            assert bytes(ahead.take(r.path, r.offset, r.nbytes).numpy()) == path.read_bytes()[r.offset : r.offset + 16]
+            assert bytes(ahead.take(r).numpy()) == path.read_bytes()[r.offset : r.offset + 16]
         with pytest.raises(RuntimeError, match="order"):
-            ahead.take(path, 4112, 100)
+            ahead.take(ByteRange(path, 4112, 100))

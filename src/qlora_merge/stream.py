@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .adapter.weights import AdapterTensor, load_factor, read_tensor
+from .adapter.weights import AdapterTensor, dtype_of, load_factor, read_tensor
 from .checkpoint.format import DTYPES, TensorEntry
 from .checkpoint.reader import ByteRange, ReadAhead, TensorReader
 from .checkpoint.writer import CheckpointWriter
@@ -60,7 +60,7 @@ def run_plan(plan: MergePlan, reader: TensorReader, writer: CheckpointWriter, on
     torch.set_num_threads(1)
     try:
         blocking = BlockingCheck()
-        steps = {task.output.name: _rows_per_block(task, blocking) for task in plan.tasks if _blocked(task)}
+        steps = {t.output.name: step for t in plan.tasks if (step := _rows_per_block(t, blocking)) is not None}
         workspace = Workspace()
         with ReadAhead(list(_input_ranges(plan, steps))) as ahead:
             for task in plan.tasks:
@@ -82,28 +82,30 @@ def run_plan(plan: MergePlan, reader: TensorReader, writer: CheckpointWriter, on
         torch.set_num_threads(threads)
 
 
-def _blocked(task: TensorTask) -> bool:
-    """Whether a task merges a LoRA delta a block of rows at a time (biases and whole-tensor DoRA do not)."""
-    return isinstance(task.update, LoraUpdate) and not task.update.whole
-
-
-def _rows_per_block(task: TensorTask, blocking: BlockingCheck) -> int:
+def _rows_per_block(task: TensorTask, blocking: BlockingCheck) -> int | None:
+    """How many rows of its weight a task takes at a time: a LoRA delta's block, or a chunk of trainable-token
+    rows; None for tasks that do not go by rows (biases and column-normed DoRA are merged whole)."""
     update = task.update
-    assert isinstance(update, LoraUpdate)
+    if isinstance(update, TokenUpdate):
+        return _chunk_rows(task.output.shape[1], DTYPES[task.output.dtype][1])
+    if not isinstance(update, LoraUpdate) or update.whole:
+        return None
     a, b = update.pair.a, update.pair.b
     rows, cols = task.output.shape
-    compute = factor_dtype(_dtype(a), _dtype(b))
+    compute = factor_dtype(dtype_of(a), dtype_of(b))
     dora = update.pair.magnitude is not None
     return blocking.rows_per_block(rows, cols, tuple(a.shape), tuple(b.shape), compute, update.transposed, dora)
 
 
-def _dtype(tensor: AdapterTensor) -> torch.dtype:
-    return tensor.torch_dtype if isinstance(tensor, TensorEntry) else tensor.dtype
+def _chunk_rows(cols: int, item_size: int) -> int:
+    """Rows of `cols` elements of `item_size` bytes in one chunk of about CONVERT_CHUNK_BYTES."""
+    return max(CONVERT_CHUNK_BYTES // max(cols * item_size, 1), 1)
 
 
 def _input_ranges(plan: MergePlan, steps: dict[str, int]) -> Iterator[ByteRange]:
-    """The reads that stream through the merge, in the order it makes them. Copies go file to file (announced,
-    not fetched), and the few whole tensors (biases, column-normed DoRA) are read where they are used."""
+    """The reads that stream through the merge, in the order it makes them, from the generators the merge itself
+    reads by. Copies go file to file (announced, not fetched), and the few whole tensors (biases, column-normed
+    DoRA) are read where they are used."""
     for task in plan.tasks:
         if task.action is Action.COPY:
             assert task.source is not None
@@ -116,25 +118,31 @@ def _input_ranges(plan: MergePlan, steps: dict[str, int]) -> Iterator[ByteRange]
             if isinstance(task.replacement.tensor, TensorEntry):
                 yield from _convert_ranges(task.replacement.tensor)
         elif task.output.name in steps:
-            tensor = _rows_source(task)
-            if isinstance(tensor, TensorEntry):
-                rows, cols = task.output.shape
-                row_bytes = cols * DTYPES[tensor.dtype][1]
-                step = steps[task.output.name]
-                for start in range(0, rows, step):
-                    count = (min(rows, start + step) - start) * row_bytes
-                    yield ByteRange(tensor.file, tensor.start + start * row_bytes, count)
-
-
-def _convert_step(source: TensorEntry) -> int:
-    size = DTYPES[source.dtype][1]
-    return max(CONVERT_CHUNK_BYTES // size, 1) * size
+            for _, _, byte_range in _row_blocks(task, steps[task.output.name]):
+                if byte_range is not None:
+                    yield byte_range
 
 
 def _convert_ranges(source: TensorEntry) -> Iterator[ByteRange]:
-    step = _convert_step(source)
+    """A tensor's bytes in chunks of about CONVERT_CHUNK_BYTES (whole elements)."""
+    size = DTYPES[source.dtype][1]
+    step = max(CONVERT_CHUNK_BYTES // size, 1) * size
     for offset in range(0, source.nbytes, step):
         yield ByteRange(source.file, source.start + offset, min(step, source.nbytes - offset))
+
+
+def _row_blocks(task: TensorTask, step: int) -> Iterator[tuple[int, int, ByteRange | None]]:
+    """Blocks of `step` rows of the weight a task updates: (start, stop, the bytes to read, or None when the weight
+    is an adapter tensor already in memory)."""
+    tensor = _rows_source(task)
+    rows, cols = task.output.shape
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        if isinstance(tensor, TensorEntry):
+            row_bytes = cols * DTYPES[tensor.dtype][1]
+            yield start, stop, ByteRange(tensor.file, tensor.start + start * row_bytes, (stop - start) * row_bytes)
+        else:
+            yield start, stop, None
 
 
 def _convert(
@@ -142,14 +150,12 @@ def _convert(
 ) -> None:
     in_dtype, in_size = DTYPES[source.dtype]
     out_dtype, out_size = DTYPES[out_dtype_name]
-    step = _convert_step(source)
-    for offset in range(0, source.nbytes, step):
-        count = min(step, source.nbytes - offset)
-        piece = ahead.take(source.file, source.start + offset, count)
+    for byte_range in _convert_ranges(source):
+        piece = ahead.take(byte_range)
         if in_dtype == out_dtype:
             writer.write(memoryview(piece.numpy()))
             continue
-        converted = workspace.take("output", count // in_size * out_size)
+        converted = workspace.take("output", byte_range.nbytes // in_size * out_size)
         converted.view(out_dtype).copy_(piece.view(in_dtype))
         writer.write(memoryview(converted.numpy()))
 
@@ -182,7 +188,8 @@ def _merge(
         _write_tensor(out, task, writer, workspace)
         return
     if isinstance(update, TokenUpdate):
-        _replace_tokens(task, update, reader, writer, workspace)
+        assert step is not None
+        _replace_tokens(task, update, step, reader, ahead, writer, workspace)
         return
     assert isinstance(update, LoraUpdate)
     a = load_factor(update.pair.a, reader)
@@ -195,14 +202,12 @@ def _merge(
         merged = dora_whole(_held_source(task, reader), a, b, update.scaling, magnitude, update.layout)
         _write_tensor(merged, task, writer, workspace)
         return
-    rows, cols = task.output.shape
+    cols = task.output.shape[1]
     assert step is not None
     out_dtype, out_size = DTYPES[task.output.dtype]
     held = DTYPES[task.held_dtype][0] if task.held_dtype else None
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+    for start, stop, weight in _weight_rows(task, step, ahead):
         n = stop - start
-        weight = _source_rows(task, start, stop, ahead)
         scratch = workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
         delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch)
         upcast = workspace.take("upcast", n * cols * 4).view(torch.float32)
@@ -216,27 +221,21 @@ def _merge(
 
 
 def _replace_tokens(
-    task: TensorTask, update: TokenUpdate, reader: TensorReader, writer: CheckpointWriter, workspace: Workspace
+    task: TensorTask,
+    update: TokenUpdate,
+    step: int,
+    reader: TensorReader,
+    ahead: ReadAhead,
+    writer: CheckpointWriter,
+    workspace: Workspace,
 ) -> None:
     """Trainable tokens: the weight as it is, a chunk of rows at a time, with the trained rows put in."""
-    source = _rows_source(task)
-    rows, cols = task.output.shape
+    cols = task.output.shape[1]
     out_dtype, out_size = DTYPES[task.output.dtype]
     held = DTYPES[task.held_dtype][0] if task.held_dtype else out_dtype
     indices = torch.tensor(update.indices, dtype=torch.int64)
     values = read_tensor(update.delta, reader)
-    step = max(CONVERT_CHUNK_BYTES // max(cols * out_size, 1), 1)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        if isinstance(source, TensorEntry):
-            dtype, size = DTYPES[source.dtype]
-            raw_in = workspace.take("input", (stop - start) * cols * size)
-            reader.read_bytes_into(source.file, source.start + start * cols * size, raw_in)
-            block = raw_in.view(dtype).view(stop - start, cols)
-        else:
-            block = source[start:stop]
-        if task.replacement is not None:
-            block = held_weight(block, held)
+    for start, stop, block in _weight_rows(task, step, ahead):
         raw = workspace.take("output", (stop - start) * cols * out_size)
         out = raw.view(out_dtype).view(stop - start, cols)
         out.copy_(block)
@@ -252,20 +251,16 @@ def _rows_source(task: TensorTask) -> AdapterTensor:
     return task.source
 
 
-def _source_rows(task: TensorTask, start: int, stop: int, ahead: ReadAhead) -> torch.Tensor:
-    """Rows [start, stop) of the weight being merged, as PEFT holds them: the base's, or the adapter's
-    replacement rounded to the dtype the model was loaded in."""
-    cols = task.output.shape[1]
+def _weight_rows(task: TensorTask, step: int, ahead: ReadAhead) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """The weight being merged, `step` rows at a time, as PEFT holds it: the base's, or the adapter's replacement
+    rounded to the dtype the model was loaded in. Yields (start, stop, rows)."""
     tensor = _rows_source(task)
-    if isinstance(tensor, TensorEntry):
-        dtype, size = DTYPES[tensor.dtype]
-        raw = ahead.take(tensor.file, tensor.start + start * cols * size, (stop - start) * cols * size)
-        rows = raw.view(dtype).view(stop - start, cols)
-    else:
-        rows = tensor[start:stop]
-    if task.replacement is not None and task.held_dtype is not None:
-        rows = held_weight(rows, DTYPES[task.held_dtype][0])
-    return rows
+    dtype = dtype_of(tensor)
+    cols = task.output.shape[1]
+    held = DTYPES[task.held_dtype][0] if task.replacement is not None and task.held_dtype is not None else None
+    for start, stop, byte_range in _row_blocks(task, step):
+        rows = tensor[start:stop] if byte_range is None else ahead.take(byte_range).view(dtype).view(stop - start, cols)
+        yield start, stop, rows if held is None else held_weight(rows, held)
 
 
 def _held_source(task: TensorTask, reader: TensorReader) -> torch.Tensor:
@@ -283,7 +278,7 @@ def _write_tensor(values: torch.Tensor, task: TensorTask, writer: CheckpointWrit
     out_dtype, out_size = DTYPES[task.output.dtype]
     flat_rows = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.view(-1, 1)
     cols = flat_rows.shape[1]
-    step = max(CONVERT_CHUNK_BYTES // max(cols * out_size, 1), 1)
+    step = _chunk_rows(cols, out_size)
     for start in range(0, flat_rows.shape[0], step):
         stop = min(flat_rows.shape[0], start + step)
         raw = workspace.take("output", (stop - start) * cols * out_size)

@@ -98,8 +98,8 @@ class ReadAhead:
         self._thread = threading.Thread(target=self._run, name="qlora-merge-reader", daemon=True)
         self._thread.start()
 
-    def take(self, path: Path, offset: int, nbytes: int) -> torch.Tensor:
-        """The bytes of the next range, which must be this one; valid until the next take()."""
+    def take(self, byte_range: ByteRange) -> torch.Tensor:
+        """The bytes of the next range, which must be `byte_range`; valid until the next take()."""
         if self._held is not None:
             # A whole-tensor read (a shape merged unblocked) would otherwise pin its size in memory for good.
             keep = self._held.numel() <= KEEP_BYTES
@@ -110,12 +110,12 @@ class ReadAhead:
             raise item
         if item is None:
             self._ready.put(None)
-            raise RuntimeError(f"read-ahead out of order: no ranges left, asked for {path}@{offset}+{nbytes}")
-        byte_range, buffer = item
-        if byte_range != ByteRange(path, offset, nbytes, fetch=True):
-            raise RuntimeError(f"read-ahead out of order: expected {byte_range}, asked for {path}@{offset}+{nbytes}")
+            raise RuntimeError(f"read-ahead out of order: no ranges left, asked for {byte_range}")
+        expected, buffer = item
+        if byte_range != expected:
+            raise RuntimeError(f"read-ahead out of order: expected {expected}, asked for {byte_range}")
         self._held = buffer
-        return buffer[:nbytes]
+        return buffer[: byte_range.nbytes]
 
     def close(self) -> None:
         self._stopping = True
