@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,25 @@ def test_multi_block_merge_equals_peft(arch: str, tmp_path: Path, monkeypatch: p
     adapter = make_adapter(base, tmp_path / "adapter", arch, r=8, lora_alpha=5, use_rslora=True)
     merge(base, adapter, tmp_path / "ours")
     assert_same_tensors(read_tensors(tmp_path / "ours"), peft_merge(base, adapter, tmp_path / "peft", torch.bfloat16))
+
+
+def test_mica_rounds_the_delta_like_peft(tmp_path: Path) -> None:
+    """MiCA (init_lora_weights="mica") merges `W += delta.to(W.dtype)` on Linear layers too: bit-identical to PEFT,
+    and not what the same factors give as a plain LoRA, which rounds once."""
+    base = make_base("llama", tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "adapter", "llama", init_lora_weights="mica")
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    assert config["init_lora_weights"] == "mica"
+
+    merge(base, adapter, tmp_path / "ours")
+    ours = read_tensors(tmp_path / "ours")
+    assert_same_tensors(ours, peft_merge(base, adapter, tmp_path / "peft", torch.bfloat16))
+
+    config_path.write_text(json.dumps(config | {"init_lora_weights": True}))
+    merge(base, adapter, tmp_path / "plain")
+    plain = read_tensors(tmp_path / "plain")
+    assert any(not torch.equal(ours[name], plain[name]) for name in ours), "the rounding must show"
 
 
 def test_scaling_rules() -> None:

@@ -29,7 +29,7 @@ from .checkpoint.index import CheckpointIndex
 from .checkpoint.writer import OutputTensor, ShardLayout, plan_shards
 from .errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
 from .keymap import Loader, match_tensors
-from .variants import Layout, is_transposed, lora_scaling, module_rank_alpha
+from .variants import Layout, is_transposed, lora_scaling, merged_whole, module_rank_alpha, rounds_delta
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,7 @@ class LoraUpdate:
 
     @property
     def whole(self) -> bool:
-        """DoRA on Conv1D and Embedding weights takes column norms: the tensor is merged in one piece."""
-        return self.dora and self.layout.transposed
+        return merged_whole(self.layout, self.dora)
 
 
 @dataclass(frozen=True)
@@ -634,7 +633,7 @@ def _lora_update(
         pair=pair,
         scaling=lora_scaling(alpha, r, config.use_rslora),
         layout=layout,
-        round_delta=layout is Layout.EMBEDDING or config.round_delta,
+        round_delta=rounds_delta(layout, config.mica),
     )
 
 

@@ -11,6 +11,7 @@ The layer kinds differ only in small ways, each copied from PEFT 0.21 (`tuners/l
 - Conv1D (GPT-2, fan_in_fan_out), W (in, out): W += s * (B @ A).T.
 - Embedding, A (r, num), B (dim, r), W (num, dim): W += round(s * (B @ A).T): PEFT rounds the delta to the
   weight's dtype before adding it (`.to(orig_dtype)`), the one place it rounds twice.
+- MiCA (init_lora_weights="mica"): rounds the delta first on every layer kind, as embeddings do.
 - DoRA: V = W + delta; W' = m / ||V|| * V, the norm taken per output row for Linear (so it can be merged in row
   blocks) and per column of the stored weight for Conv1D and Embedding (so those are merged whole).
 - lora_bias: bias += s * lora_B.bias.
@@ -99,9 +100,26 @@ def is_transposed(
     return None
 
 
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype PEFT holds an adapter tensor in once loaded: half precision upcast to float32, float32/64 as saved."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def factor_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """The dtype PEFT multiplies B @ A in: float32 (it upcasts half-precision adapters), float64 if a factor is."""
-    return torch.float64 if torch.float64 in (a, b) else torch.float32
+    """The dtype PEFT multiplies B @ A in, from the factors' saved dtypes: float32, float64 if a factor is."""
+    return torch.promote_types(adapter_dtype(a), adapter_dtype(b))
+
+
+def rounds_delta(layout: Layout, mica: bool) -> bool:
+    """Whether PEFT rounds the delta to the weight's dtype before adding it (`W += delta.to(W.dtype)`): on
+    embeddings, and on every layer with MiCA (init_lora_weights="mica")."""
+    return layout is Layout.EMBEDDING or mica
+
+
+def merged_whole(layout: Layout, dora: bool) -> bool:
+    """DoRA on Conv1D and Embedding weights takes column norms, which need every row: the weight is merged in one
+    piece. Everything else goes a block of rows at a time."""
+    return dora and layout.transposed
 
 
 def linear_delta_rows(
@@ -139,11 +157,7 @@ def merge_rows_into(
     """
     if round_delta_to is not None and round_delta_to != delta.dtype:
         delta.copy_(delta.to(round_delta_to))
-    if delta.dtype == torch.float32 and weight.dtype != torch.float64:
-        out.copy_(delta.add_(_widened(weight, upcast)))
-        return
-    # PEFT adds a float32 delta to a float64 weight, or a float64 delta to any weight, in float64.
-    out.copy_(weight.double() + delta.double())
+    out.copy_(_sum_into(weight, delta, upcast))
 
 
 def dora_rows_into(
@@ -155,10 +169,7 @@ def dora_rows_into(
     contiguous row on its own, so a block of rows gets the same norms as the whole weight (tests/test_dora.py and
     BlockingCheck verify it). `delta` is overwritten with V.
     """
-    if delta.dtype == torch.float32 and weight.dtype != torch.float64:
-        v = delta.add_(_widened(weight, upcast))
-    else:
-        v = weight + delta
+    v = _sum_into(weight, delta, upcast)
     factor = magnitude / torch.linalg.norm(v, dim=1).to(v.dtype)
     out.copy_(v.mul_(factor.view(-1, 1)))
 
@@ -207,6 +218,15 @@ def held_weight(weight: torch.Tensor, held_dtype: torch.dtype) -> torch.Tensor:
     """A tensor PEFT would first load into a parameter of `held_dtype` (a float32 modules_to_save tensor going into
     a bfloat16 model), rounded the way that copy rounds it."""
     return weight if weight.dtype == held_dtype else weight.to(held_dtype)
+
+
+def _sum_into(weight: torch.Tensor, delta: torch.Tensor, upcast: torch.Tensor) -> torch.Tensor:
+    """V = W + delta as PEFT sums it: in float32 into `delta` (W widened through the float32 buffer `upcast`), or
+    in float64 where either side is float64 (PEFT adds a float32 delta to a float64 weight, or a float64 delta to
+    any weight, in float64: the type promotion of `weight + delta`)."""
+    if delta.dtype == torch.float32 and weight.dtype != torch.float64:
+        return delta.add_(_widened(weight, upcast))
+    return weight + delta
 
 
 def _widened(weight: torch.Tensor, upcast: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ class LoraConfig:
     bias: str = "none"
     lora_bias: bool = False
     ensure_weight_tying: bool = False
-    round_delta: bool = False  # MiCA merges `W += delta.to(W.dtype)`, rounding the delta first
+    mica: bool = False  # init_lora_weights="mica": Minor Component Adaptation, which PEFT merges its own way
     # trainable_token_indices as a mapping: module name (or "" for the input embedding) -> token rows
     trainable_token_indices: dict[str, tuple[int, ...]] = field(default_factory=dict)
     target_modules: tuple[str, ...] | str | None = None
@@ -158,7 +158,7 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         bias=bias,
         lora_bias=_bool(path, "lora_bias", raw.get("lora_bias", False)),
         ensure_weight_tying=_bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False)),
-        round_delta=isinstance(init, str) and init.lower() == "mica",
+        mica=isinstance(init, str) and init.lower() == "mica",
         trainable_token_indices=_token_indices(path, raw.get("trainable_token_indices")),
         target_modules=_names(path, "target_modules", target_modules, regex_allowed=True),
         modules_to_save=_names(path, "modules_to_save", modules_to_save, regex_allowed=False),

@@ -22,6 +22,7 @@ import torch
 from ..checkpoint.format import DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
 from ..checkpoint.reader import TensorReader
 from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, ShapeMismatch, UnsupportedAdapter
+from ..variants import adapter_dtype
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -267,7 +268,7 @@ def _check_float(path: Path, key: str, tensor: AdapterTensor) -> None:
 def load_factor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
     """An adapter tensor as PEFT holds it after loading: half precision upcast to float32, float32/64 as saved."""
     value = read_tensor(tensor, reader)
-    return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    return value.to(adapter_dtype(value.dtype))
 
 
 def read_tensor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
