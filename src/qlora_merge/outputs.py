@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
+from .names import ADAPTER_CONFIG_NAME, PICKLE_INDEX_NAME, WEIGHTS_INDEX_NAME
 
 # Files of other weight formats are not companions: copying them would ship stale, unmerged weights.
 WEIGHT_SUFFIXES = (
@@ -30,8 +31,8 @@ WEIGHT_SUFFIXES = (
     ".npz",
     ".pkl",
 )
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-NOT_COPIED = ("README.md", ".gitattributes", "adapter_config.json")
+WEIGHT_INDEXES = (WEIGHTS_INDEX_NAME, PICKLE_INDEX_NAME)
+NOT_COPIED = ("README.md", ".gitattributes", ADAPTER_CONFIG_NAME)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

@@ -14,9 +14,10 @@ from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_adapt
 from .checkpoint.format import read_safetensors_header
 from .checkpoint.index import open_checkpoint
 from .checkpoint.reader import TensorReader
-from .checkpoint.writer import INDEX_NAME, CheckpointWriter, parse_size
+from .checkpoint.writer import CheckpointWriter, parse_size
 from .errors import CheckpointFormatError, MergeError
 from .keymap import resolve_loader
+from .names import WEIGHTS_INDEX_NAME
 from .outputs import (
     adapter_tokenizer_files,
     check_not_inside,
@@ -334,9 +335,9 @@ def _check_written(plan: MergePlan, staging: Path) -> None:
     if {k: v[:2] for k, v in found.items()} != expected:
         raise CheckpointFormatError(f"{staging}: written shards do not match the plan")
     if len(plan.shards) > 1:
-        weight_map = json.loads((staging / INDEX_NAME).read_text())["weight_map"]
+        weight_map = json.loads((staging / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
         if weight_map != {name: v[2] for name, v in found.items()}:
-            raise CheckpointFormatError(f"{staging / INDEX_NAME}: index does not match the shards")
+            raise CheckpointFormatError(f"{staging / WEIGHTS_INDEX_NAME}: index does not match the shards")
 
 
 def _read_base_config(base_dir: Path) -> dict[str, Any]:

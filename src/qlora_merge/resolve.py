@@ -7,6 +7,14 @@ import re
 from pathlib import Path
 
 from .errors import InputNotFound, MergeError
+from .names import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_PICKLE_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SHARD_GLOB,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 from .outputs import TOKENIZER_FILES
 
 # "org/name", optionally "@revision" (branch, tag, commit or refs/pr/N). The namespace is required: a bare "name"
@@ -28,11 +36,7 @@ BASE_METADATA = [
 ]
 # Sub-folders hold other formats or components (original/, onnx/, gguf/...); the merge reads the top level only.
 TOP_LEVEL_ONLY = ["*/*"]
-INDEX_NAME = "model.safetensors.index.json"
-UNINDEXED_WEIGHTS = ["model.safetensors", "model-*-of-*.safetensors"]
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
+UNINDEXED_WEIGHTS = [WEIGHTS_NAME, SHARD_GLOB]
 
 
 def resolve_base(ref: str, token: str | None = None, revision: str | None = None) -> Path:
@@ -42,7 +46,7 @@ def resolve_base(ref: str, token: str | None = None, revision: str | None = None
         return local
     repo_id, revision = _split_ref(ref, revision)
     root = _download(ref, "base model", repo_id, revision, BASE_METADATA, token)
-    index = root / INDEX_NAME
+    index = root / WEIGHTS_INDEX_NAME
     shards = _indexed_shards(index) if index.is_file() else UNINDEXED_WEIGHTS
     if shards is None:  # An unreadable index: open_checkpoint says what is wrong with it.
         return root
@@ -59,11 +63,13 @@ def resolve_adapter(ref: str, token: str | None = None, revision: str | None = N
     if local is not None:
         return local
     repo_id, revision = _split_ref(ref, revision)
-    root = _download(ref, "adapter", repo_id, revision, [ADAPTER_CONFIG, ADAPTER_SAFETENSORS, *TOKENIZER_FILES], token)
-    _require(root, [ADAPTER_CONFIG], ref)
-    if not (root / ADAPTER_SAFETENSORS).is_file():
+    root = _download(
+        ref, "adapter", repo_id, revision, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, *TOKENIZER_FILES], token
+    )
+    _require(root, [ADAPTER_CONFIG_NAME], ref)
+    if not (root / ADAPTER_WEIGHTS_NAME).is_file():
         # Old PEFT saved pickles; fetched only when there is no safetensors, as a repo may hold both.
-        root = _download(ref, "adapter", repo_id, _commit_of(root, revision), [ADAPTER_PICKLE], token)
+        root = _download(ref, "adapter", repo_id, _commit_of(root, revision), [ADAPTER_PICKLE_NAME], token)
     return root
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterFormatError, InputNotFound, UnsupportedAdapter
+from ..names import ADAPTER_CONFIG_NAME
 from ..variants import pattern_regex
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "adapter_config.json"
 
 # Every field of PEFT's LoraConfig up to 0.21, and a few older ones. A field not listed here comes from a PEFT
 # newer than this tool: it is reported (it may change what the merge means) but does not stop the merge.
@@ -115,7 +114,7 @@ def read_adapter_config(directory: Path) -> LoraConfig:
 
     Missing fields take PEFT's defaults; unknown ones (from a newer PEFT) are logged in one warning line.
     """
-    path = directory / CONFIG_NAME
+    path = directory / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise InputNotFound(f"{path}: adapter_config.json not found (is '{directory}' a PEFT adapter directory?)")
     try:

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.format import DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
+from ..checkpoint.format import DTYPES, FLOAT_DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
 from ..checkpoint.reader import TensorReader
 from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, ShapeMismatch, UnsupportedAdapter
+from ..names import ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
 from ..variants import adapter_dtype
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
-FLOAT_NAMES = ("F32", "F16", "BF16", "F64")
 
 # Suffix of an adapter key -> which part of a LoRA module it is. Older PEFT saved the DoRA magnitude with `.weight`.
 LORA_PARTS = {
@@ -120,10 +118,10 @@ class AdapterWeights:
 
 
 def find_weights_file(directory: Path) -> Path:
-    for name in (SAFETENSORS_NAME, PICKLE_NAME):
+    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_PICKLE_NAME):
         if (directory / name).is_file():
             return directory / name
-    raise InputNotFound(f"{directory}: no {SAFETENSORS_NAME} or {PICKLE_NAME} in the adapter directory")
+    raise InputNotFound(f"{directory}: no {ADAPTER_WEIGHTS_NAME} or {ADAPTER_PICKLE_NAME} in the adapter directory")
 
 
 def read_adapter_weights(directory: Path) -> AdapterWeights:
@@ -261,7 +259,7 @@ def _dtype_name(tensor: AdapterTensor) -> str:
 
 def _check_float(path: Path, key: str, tensor: AdapterTensor) -> None:
     dtype = _dtype_name(tensor)
-    if dtype not in FLOAT_NAMES:
+    if dtype not in FLOAT_DTYPES:
         raise AdapterFormatError(f"{path}: '{key}' has dtype {dtype}")
 
 

@@ -124,7 +124,7 @@ def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size
         or not 0 <= offsets[0] <= offsets[1] <= data_size
     ):
         raise CheckpointFormatError(f"{path}: tensor '{name}' has data offsets {offsets!r} outside the file")
-    expected = math.prod(shape) * DTYPES[dtype][1]
+    expected = tensor_nbytes(dtype, tuple(shape))
     if offsets[1] - offsets[0] != expected:
         raise CheckpointFormatError(
             f"{path}: tensor '{name}' spans {offsets[1] - offsets[0]} bytes but {dtype}{shape} needs {expected}"
@@ -144,7 +144,7 @@ def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dic
     header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, dtype, shape in tensors:
-        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        nbytes = tensor_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, InputNotFound
+from ..names import PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, shard_name
 from .format import SafetensorsFile, TensorEntry, read_safetensors_header
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-SHARD_NAME = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
 
 @dataclass(frozen=True)
@@ -37,13 +32,13 @@ def open_checkpoint(root: Path) -> CheckpointIndex:
     """Read the headers of every weight file under `root` (not the data) and validate them."""
     if not root.is_dir():
         raise InputNotFound(f"{root}: base model directory not found")
-    index_path = root / SAFETENSORS_INDEX
+    index_path = root / WEIGHTS_INDEX_NAME
     if index_path.is_file():
         file_names, expected = _read_index(index_path)
-    elif (root / SINGLE_FILE).is_file():
-        file_names, expected = [SINGLE_FILE], None
+    elif (root / WEIGHTS_NAME).is_file():
+        file_names, expected = [WEIGHTS_NAME], None
     else:
-        file_names = sorted(p.name for p in root.iterdir() if SHARD_NAME.fullmatch(p.name))
+        file_names = sorted(p.name for p in root.iterdir() if SHARD_PATTERN.fullmatch(p.name))
         expected = None
         if not file_names:
             pickled = [name for name in PICKLE_WEIGHTS if (root / name).exists()]
@@ -105,11 +100,11 @@ def _hub_blob(root: Path, candidate: Path) -> bool:
 
 
 def _check_complete_shard_set(root: Path, file_names: list[str]) -> None:
-    totals = {SHARD_NAME.fullmatch(name).group(2) for name in file_names}  # type: ignore[union-attr]
+    totals = {SHARD_PATTERN.fullmatch(name).group(2) for name in file_names}  # type: ignore[union-attr]
     if len(totals) != 1:
         raise CheckpointFormatError(f"{root}: shards from different sets: {', '.join(file_names)}")
     total = int(totals.pop())
-    present = {int(SHARD_NAME.fullmatch(name).group(1)) for name in file_names}  # type: ignore[union-attr]
+    present = {int(SHARD_PATTERN.fullmatch(name).group(1)) for name in file_names}  # type: ignore[union-attr]
     missing = sorted(set(range(1, total + 1)) - present)
     if missing:
-        raise InputNotFound(f"{root}: shard model-{missing[0]:05d}-of-{total:05d}.safetensors is missing")
+        raise InputNotFound(f"{root}: shard {shard_name(missing[0], total)} is missing")

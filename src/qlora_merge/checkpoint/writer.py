@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, OutputError
+from ..names import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, shard_name
 from .format import encode_header, tensor_nbytes
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -72,9 +71,8 @@ def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int) -> list[Shard
         groups[-1].append(tensor)
         size += tensor.nbytes
     if len(groups) == 1:
-        return [ShardLayout(SINGLE_NAME, tuple(groups[0]))]
-    n = len(groups)
-    return [ShardLayout(f"model-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
+        return [ShardLayout(WEIGHTS_NAME, tuple(groups[0]))]
+    return [ShardLayout(shard_name(i, len(groups)), tuple(g)) for i, g in enumerate(groups, 1)]
 
 
 def index_json(shards: list[ShardLayout]) -> dict[str, object] | None:
@@ -165,7 +163,7 @@ class CheckpointWriter:
         self._pieces.stop()
         index = index_json(self._shards)
         if index is not None:
-            (self._directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self._directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         """Stop after a failure: the background writer ends, the open file is closed (the caller removes it)."""
