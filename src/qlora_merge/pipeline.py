@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter.config import read_adapter_config
-from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_adapter_weights, read_chunks, read_tensor
+from .adapter import read_adapter
+from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
 from .checkpoint.format import read_safetensors_header
 from .checkpoint.index import open_checkpoint
 from .checkpoint.reader import TensorReader
@@ -129,7 +129,7 @@ def merge(
         return _result(inputs, output, dtype, 0, timings, dry_run=True)
     staging, created = make_staging_dir(output)
     try:
-        bytes_written = _write(inputs, staging, dtype, progress, timings)
+        bytes_written = _write(inputs, staging, progress, timings)
         started = time.perf_counter()
         progress(ProgressEvent("save", "start", str(output)))
         _finish(inputs, staging, dtype)
@@ -199,8 +199,7 @@ def _prepare(
             f", tokenizer from the adapter ({len(from_adapter)} files)" if from_adapter else ""
         )
     with _stage("adapter", progress, timings) as stage:
-        config = read_adapter_config(adapter_dir)
-        weights = read_adapter_weights(adapter_dir)
+        config, weights = read_adapter(adapter_dir)
         with TensorReader() as reader:
             plan = build_plan(
                 index,
@@ -267,7 +266,7 @@ def _same_values(first: AdapterTensor, second: AdapterTensor, transpose: bool, r
     return all(bool((a == b).all()) for a, b in zip(*pieces, strict=True))
 
 
-def _write(inputs: Inputs, staging: Path, dtype: str, progress: ProgressCallback, timings: dict[str, float]) -> int:
+def _write(inputs: Inputs, staging: Path, progress: ProgressCallback, timings: dict[str, float]) -> int:
     plan = inputs.plan
     total_tensors = len(plan.tasks)
     total_bytes = plan.output_bytes

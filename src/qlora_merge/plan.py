@@ -182,7 +182,6 @@ def build_plan(
     """One task per output tensor, in the base's own order, so the input is read front to back."""
     out_dtype = OUTPUT_DTYPES[dtype]
     adapter_file = str(weights.path)
-    _check_config_agrees(config, weights)
     embeddings = find_embeddings(base, base_config)
 
     lora_names = {f"{module}.weight": pair for module, pair in weights.pairs.items()}
@@ -258,8 +257,6 @@ def build_plan(
                 updates.get(entry.name),
                 tuple(keys.get(entry.name, ())),
                 embeddings,
-                base_config,
-                config,
                 weights.path,
             )
         )
@@ -318,8 +315,6 @@ def _task(
     update: Update | None,
     adapter_keys: tuple[str, ...],
     embeddings: Embeddings,
-    base_config: dict[str, Any],
-    config: LoraConfig,
     adapter_path: Path,
     note: str = "",
 ) -> TensorTask:
@@ -426,8 +421,6 @@ def _tied_head_task(
         update,
         head_keys,
         embeddings,
-        base_config,
-        config,
         weights.path,
         note,
     )
@@ -509,7 +502,7 @@ def _same_update(
     return (
         same_values is not None
         and embed_pair.embedding
-        and _scaling(head_pair, config) == embed_update.scaling
+        and _rank_and_scaling(head_pair, config)[1] == embed_update.scaling
         and same_values(head_pair.a, embed_pair.b, True)
         and same_values(head_pair.b, embed_pair.a, True)
     )
@@ -519,20 +512,14 @@ def _vocab_changes(
     tasks: list[TensorTask], base: CheckpointIndex, embeddings: Embeddings, changes: dict[str, Any], path: Path
 ) -> None:
     """A resized embedding or head: config.json's vocab_size follows; the two must agree."""
-    rows = {
-        task.output.name: task.output.shape[0]
-        for task in tasks
-        if task.source is not None
-        and task.source.name in (embeddings.input, embeddings.output)
-        and task.output.shape != task.source.shape
-    }
-    if not rows:
+    resized = False
+    sizes: dict[str, int] = {}
+    for task in tasks:
+        if task.source is not None and task.source.name in (embeddings.input, embeddings.output):
+            sizes[task.output.name] = task.output.shape[0]
+            resized |= task.output.shape != task.source.shape
+    if not resized:
         return
-    sizes = {
-        task.output.name: task.output.shape[0]
-        for task in tasks
-        if task.source is not None and task.source.name in (embeddings.input, embeddings.output)
-    }
     if len(set(sizes.values())) > 1:
         shown = ", ".join(f"'{name}' has {n} rows" for name, n in sizes.items())
         raise ShapeMismatch(
@@ -540,31 +527,13 @@ def _vocab_changes(
             "other one were never trained or saved (PEFT saves a resized head only when it is targeted or in "
             "modules_to_save)"
         )
-    changes["vocab_size"] = next(iter(rows.values()))
+    changes["vocab_size"] = next(iter(sizes.values()))
 
 
-def _check_config_agrees(config: LoraConfig, weights: AdapterWeights) -> None:
-    """adapter_config.json and the weights must describe the same adapter: PEFT would silently drop the extra
-    tensors (DoRA magnitudes without use_dora) or invent the missing ones (use_dora without them)."""
-    for pair in weights.pairs.values():
-        if pair.magnitude is not None and not config.use_dora:
-            key = next(k for k in pair.keys if ".lora_magnitude_vector" in k)
-            raise AdapterFormatError(
-                f"{config.path}: use_dora is false but {weights.path.name} has DoRA magnitude '{key}'"
-            )
-        if pair.magnitude is None and config.use_dora:
-            raise AdapterFormatError(
-                f"{config.path}: use_dora is true but {weights.path.name} has no DoRA magnitude for "
-                f"'{PEFT_PREFIX}{pair.module}'"
-            )
-        if pair.bias is not None and not config.lora_bias:
-            key = next(k for k in pair.keys if k.endswith(".lora_B.bias"))
-            raise AdapterFormatError(f"{config.path}: lora_bias is false but {weights.path.name} has LoRA bias '{key}'")
-
-
-def _scaling(pair: LoraPair, config: LoraConfig) -> float:
+def _rank_and_scaling(pair: LoraPair, config: LoraConfig) -> tuple[int, float]:
+    """The rank adapter_config.json gives a module, and its scaling."""
     r, alpha = module_rank_alpha(pair.module, config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern)
-    return lora_scaling(alpha, r, config.use_rslora)
+    return r, lora_scaling(alpha, r, config.use_rslora)
 
 
 def _lora_updates(
@@ -581,7 +550,7 @@ def _lora_updates(
     `name` (whose values are `weight`'s, or `replacement`'s), and with lora_bias the bias added to `name`'s bias,
     which the base must have (PEFT cannot merge it either: "the base layer has no bias")."""
     update = _lora_update(adapter_path, pair, weight, config, base_config, replacement)
-    bias_key = next((k for k in pair.keys if k.endswith(".lora_B.bias")), "")
+    bias_key = pair.bias_key
     updates: Updates = {name: (update, tuple(k for k in pair.keys if k != bias_key))}
     if pair.bias is None:
         return updates
@@ -614,7 +583,7 @@ def _lora_update(
             f"{weight.file}: '{weight.name}' is stored as {weight.dtype}; merging into quantized weights is not "
             "supported (use the full-precision base)"
         )
-    r, alpha = module_rank_alpha(pair.module, config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern)
+    r, scaling = _rank_and_scaling(pair, config)
     if pair.rank != r:
         raise ShapeMismatch(f"{adapter_path}: '{key}' has rank {pair.rank} but adapter_config.json gives it r={r}")
     shape = replacement.shape if replacement is not None else weight.shape
@@ -631,7 +600,7 @@ def _lora_update(
         )
     return LoraUpdate(
         pair=pair,
-        scaling=lora_scaling(alpha, r, config.use_rslora),
+        scaling=scaling,
         layout=layout,
         round_delta=rounds_delta(layout, config.mica),
     )

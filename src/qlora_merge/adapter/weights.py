@@ -66,6 +66,8 @@ class LoraPair:
     bias: AdapterTensor | None = None
     magnitude: AdapterTensor | None = None
     keys: tuple[str, ...] = ()
+    bias_key: str | None = None
+    magnitude_key: str | None = None
 
     @property
     def rank(self) -> int:
@@ -241,6 +243,8 @@ def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTe
         bias=bias[1] if bias else None,
         magnitude=magnitude[1] if magnitude else None,
         keys=tuple(k for k, _ in found.values()),
+        bias_key=bias[0] if bias else None,
+        magnitude_key=magnitude[0] if magnitude else None,
     )
     rows, cols = pair.weight_shape
     if bias is not None and tuple(bias[1].shape) != (int(b.shape[0]),):
