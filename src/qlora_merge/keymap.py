@@ -29,7 +29,6 @@ class Loader:
     """How the base is laid out: the architecture the adapter targets and where its language model lives."""
 
     architecture: str
-    requested: str
     prefer_prefixes: tuple[str, ...] = ()
 
 
@@ -40,13 +39,13 @@ def resolve_loader(requested: str, base_config: dict[str, Any]) -> Loader:
     if requested == "auto":
         architecture = architectures[0] if architectures else (model_type or "unknown")
         multimodal = "ForConditionalGeneration" in architecture or "qwen3_5" in model_type
-        return Loader(architecture, requested, LANGUAGE_MODEL_PREFIXES if multimodal else ())
+        return Loader(architecture, LANGUAGE_MODEL_PREFIXES if multimodal else ())
     if requested.lower() in NAMED_LOADERS:
         architecture, prefixes = NAMED_LOADERS[requested.lower()]
-        return Loader(architecture, requested, prefixes)
+        return Loader(architecture, prefixes)
     if _ARCHITECTURE.fullmatch(requested):
         multimodal = "ForConditionalGeneration" in requested
-        return Loader(requested, requested, LANGUAGE_MODEL_PREFIXES if multimodal else ())
+        return Loader(requested, LANGUAGE_MODEL_PREFIXES if multimodal else ())
     raise MergeError(f"--loader {requested!r}: expected auto, qwen3.5 or an architecture name like LlamaForCausalLM")
 
 

@@ -97,10 +97,10 @@ Updates = dict[str, tuple[Update, tuple[str, ...]]]
 class TensorTask:
     output: OutputTensor
     action: Action
+    held_dtype: str  # the dtype PEFT holds the weight in while it merges
     source: TensorEntry | None = None  # the base tensor the values come from
     replacement: Replacement | None = None  # or the adapter tensor that replaces it
     update: Update | None = None
-    held_dtype: str | None = None  # the dtype PEFT holds the weight in while it merges
     adapter_keys: tuple[str, ...] = ()  # the adapter tensors this output uses
     note: str = ""
 
@@ -341,7 +341,7 @@ def _task(
         action = Action.COPY
     else:
         action = Action.CONVERT
-    return TensorTask(output, action, entry, replacement, update, held, adapter_keys, note)
+    return TensorTask(output, action, held, entry, replacement, update, adapter_keys, note)
 
 
 def _held_dtype(base_dtype: str, out_dtype: str) -> str:

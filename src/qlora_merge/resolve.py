@@ -39,12 +39,12 @@ TOP_LEVEL_ONLY = ["*/*"]
 UNINDEXED_WEIGHTS = [WEIGHTS_NAME, SHARD_GLOB]
 
 
-def resolve_base(ref: str, token: str | None = None, revision: str | None = None) -> Path:
+def resolve_base(ref: str, token: str | None = None) -> Path:
     """A local checkpoint dir as is; a repo id downloaded: metadata first, then only the shards its index names."""
     local = _local_dir(ref, "base model")
     if local is not None:
         return local
-    repo_id, revision = _split_ref(ref, revision)
+    repo_id, revision = _split_ref(ref)
     root = _download(ref, "base model", repo_id, revision, BASE_METADATA, token)
     index = root / WEIGHTS_INDEX_NAME
     shards = _indexed_shards(index) if index.is_file() else UNINDEXED_WEIGHTS
@@ -57,12 +57,12 @@ def resolve_base(ref: str, token: str | None = None, revision: str | None = None
     return root
 
 
-def resolve_adapter(ref: str, token: str | None = None, revision: str | None = None) -> Path:
+def resolve_adapter(ref: str, token: str | None = None) -> Path:
     """A local adapter dir as is; a repo id downloaded: its config, weights and any tokenizer files saved with it."""
     local = _local_dir(ref, "adapter")
     if local is not None:
         return local
-    repo_id, revision = _split_ref(ref, revision)
+    repo_id, revision = _split_ref(ref)
     root = _download(
         ref, "adapter", repo_id, revision, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, *TOKENIZER_FILES], token
     )
@@ -92,10 +92,11 @@ def _where(ref: str) -> str:
     return "" if Path(ref).is_absolute() else f" ({Path(ref).absolute()})"
 
 
-def _split_ref(ref: str, revision: str | None) -> tuple[str, str | None]:
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    """A repo id and the revision after its '@', if any."""
     match = REPO_REF.fullmatch(ref)
     assert match is not None  # _local_dir returned None, so ref reads as a repo id
-    return match["repo_id"], revision or match["revision"]
+    return match["repo_id"], match["revision"]
 
 
 def _indexed_shards(index: Path) -> list[str] | None:

@@ -199,13 +199,13 @@ def _merge(
     magnitude = load_factor(update.pair.magnitude, reader) if update.pair.magnitude is not None else None
     if update.whole:
         assert magnitude is not None
-        merged = dora_whole(_held_source(task, reader), a, b, update.scaling, magnitude, update.layout)
+        merged = dora_whole(_held_source(task, reader), a, b, update.scaling, magnitude)
         _write_tensor(merged, task, writer, workspace)
         return
     cols = task.output.shape[1]
     assert step is not None
     out_dtype, out_size = DTYPES[task.output.dtype]
-    held = DTYPES[task.held_dtype][0] if task.held_dtype else None
+    held = DTYPES[task.held_dtype][0]
     for start, stop, weight in _weight_rows(task, step, ahead):
         n = stop - start
         scratch = workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
@@ -232,7 +232,7 @@ def _replace_tokens(
     """Trainable tokens: the weight as it is, a chunk of rows at a time, with the trained rows put in."""
     cols = task.output.shape[1]
     out_dtype, out_size = DTYPES[task.output.dtype]
-    held = DTYPES[task.held_dtype][0] if task.held_dtype else out_dtype
+    held = DTYPES[task.held_dtype][0]
     indices = torch.tensor(update.indices, dtype=torch.int64)
     values = read_tensor(update.delta, reader)
     for start, stop, block in _weight_rows(task, step, ahead):
@@ -257,7 +257,7 @@ def _weight_rows(task: TensorTask, step: int, ahead: ReadAhead) -> Iterator[tupl
     tensor = _rows_source(task)
     dtype = dtype_of(tensor)
     cols = task.output.shape[1]
-    held = DTYPES[task.held_dtype][0] if task.replacement is not None and task.held_dtype is not None else None
+    held = DTYPES[task.held_dtype][0] if task.replacement is not None else None
     for start, stop, byte_range in _row_blocks(task, step):
         rows = tensor[start:stop] if byte_range is None else ahead.take(byte_range).view(dtype).view(stop - start, cols)
         yield start, stop, rows if held is None else held_weight(rows, held)
@@ -270,7 +270,7 @@ def _held_source(task: TensorTask, reader: TensorReader) -> torch.Tensor:
     else:
         assert task.source is not None
         weight = reader.read(task.source)
-    return held_weight(weight, DTYPES[task.held_dtype][0]) if task.held_dtype else weight
+    return held_weight(weight, DTYPES[task.held_dtype][0])
 
 
 def _write_tensor(values: torch.Tensor, task: TensorTask, writer: CheckpointWriter, workspace: Workspace) -> None:

@@ -175,23 +175,17 @@ def dora_rows_into(
 
 
 def dora_whole(
-    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor, layout: Layout
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor
 ) -> torch.Tensor:
-    """The DoRA-merged weight, whole and unrounded, computed with PEFT's own expressions.
+    """The DoRA-merged Conv1D or Embedding weight, whole and unrounded, computed with PEFT's own expressions.
 
-    For Conv1D and Embedding the norm runs down the columns of the stored weight; which reduction kernel sums
-    them, and in which order, depends on the memory layout of its input, so the layouts are PEFT's too: `weight`
+    The norm runs down the columns of the stored weight; which reduction kernel sums them, and in which order,
+    depends on the memory layout of its input, so the layouts are PEFT's too: `weight`
     is the weight as PEFT holds it (contiguous, in its load dtype), the delta is `(B @ A).T * s` as
     `get_delta_weight` makes it, and the norm's input is `W.T + delta.T` as `get_weight_norm` builds it (PEFT's
     `1 * delta.T` has the same values and layout as `delta.T`). W + delta is computed once and reused for the
     product: the same sums, so the same bits.
     """
-    if layout is Layout.LINEAR:
-        delta = (b @ a) * scaling
-        v = weight + delta
-        del delta
-        factor = magnitude / torch.linalg.norm(v, dim=1).to(v.dtype)
-        return v.mul_(factor.view(-1, 1))
     delta = (b @ a).T * scaling
     v_t = weight.T + delta.T
     del delta

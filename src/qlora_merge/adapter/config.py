@@ -100,13 +100,11 @@ class LoraConfig:
     use_dora: bool = False
     bias: str = "none"
     lora_bias: bool = False
-    ensure_weight_tying: bool = False
     mica: bool = False  # init_lora_weights="mica": Minor Component Adaptation, which PEFT merges its own way
     # trainable_token_indices as a mapping: module name (or "" for the input embedding) -> token rows
     trainable_token_indices: dict[str, tuple[int, ...]] = field(default_factory=dict)
     target_modules: tuple[str, ...] | str | None = None
     modules_to_save: tuple[str, ...] | None = None
-    base_model_name_or_path: str | None = None
 
 
 def read_adapter_config(directory: Path) -> LoraConfig:
@@ -143,6 +141,8 @@ def read_adapter_config(directory: Path) -> LoraConfig:
     bias = raw.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise AdapterFormatError(f"{path}: 'bias' must be 'none', 'all' or 'lora_only', got {_short(bias)}")
+    # Checked though not used: whether the head mirrors the embedding is checked by value, not taken from here.
+    _bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False))
     target_modules = raw.get("target_modules")
     modules_to_save = raw.get("modules_to_save")
     return LoraConfig(
@@ -156,12 +156,10 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         use_dora=_bool(path, "use_dora", raw.get("use_dora", False)),
         bias=bias,
         lora_bias=_bool(path, "lora_bias", raw.get("lora_bias", False)),
-        ensure_weight_tying=_bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False)),
         mica=isinstance(init, str) and init.lower() == "mica",
         trainable_token_indices=_token_indices(path, raw.get("trainable_token_indices")),
         target_modules=_names(path, "target_modules", target_modules, regex_allowed=True),
         modules_to_save=_names(path, "modules_to_save", modules_to_save, regex_allowed=False),
-        base_model_name_or_path=raw.get("base_model_name_or_path"),
     )
 
 

@@ -90,14 +90,11 @@ class Replacement:
     key: str
     tensor: AdapterTensor
     wrapper: str = ""  # "base_layer" or "modules_to_save" when the key still names PEFT's wrapper
+    secondary: bool = False  # PEFT's second copy of a trained tensor, or the untrained original (_SECONDARY)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(n) for n in self.tensor.shape)
-
-    @property
-    def dtype(self) -> str:
-        return _dtype_name(self.tensor)
 
 
 @dataclass(frozen=True)
@@ -159,7 +156,7 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
             secondary = _SECONDARY.fullmatch(name)
             if secondary:
                 module, wrapper, leaf = secondary.groups()
-                found = Replacement(name=f"{module}.{leaf}", key=key, tensor=tensor, wrapper=wrapper)
+                found = Replacement(name=f"{module}.{leaf}", key=key, tensor=tensor, wrapper=wrapper, secondary=True)
             else:
                 wrapper = match.group(1).split(".")[0] if (match := _WRAPPERS.search(name)) else ""
                 found = Replacement(name=_WRAPPERS.sub("", name), key=key, tensor=tensor, wrapper=wrapper)
@@ -168,9 +165,9 @@ def read_adapter_weights(directory: Path) -> AdapterWeights:
     redundant: dict[str, str] = {}
     for target, found in candidates.items():
         # The trained tensor first: a plain or base_layer key, then the adapter-name-less copy, then the original.
-        found.sort(key=lambda r: (_SECONDARY.fullmatch(r.key.removeprefix(PEFT_PREFIX)) is not None, r.wrapper))
+        found.sort(key=lambda r: (r.secondary, r.wrapper))
         primary, *others = found
-        if others and not _SECONDARY.fullmatch(others[0].key.removeprefix(PEFT_PREFIX)):
+        if others and not others[0].secondary:
             raise AdapterFormatError(f"{path}: '{primary.key}' and '{others[0].key}' both replace '{target}'")
         replacements[target] = primary
         for other in others:

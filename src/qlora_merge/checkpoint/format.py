@@ -55,10 +55,6 @@ class TensorEntry:
         return self.end - self.start
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype][0]
 
