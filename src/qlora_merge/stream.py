@@ -206,7 +206,8 @@ def _merge(
     assert step is not None
     out_dtype, out_size = DTYPES[task.output.dtype]
     held = DTYPES[task.held_dtype][0]
-    for start, stop, weight in _weight_rows(task, step, ahead):
+    round_to = held if update.round_delta else None
+    for start, stop, weight in _weight_rows(task, step, ahead, workspace):
         n = stop - start
         scratch = workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
         delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch)
@@ -216,7 +217,8 @@ def _merge(
         if magnitude is not None:
             dora_rows_into(weight, delta, magnitude[start:stop], upcast, merged)
         else:
-            merge_rows_into(weight, delta, upcast, merged, round_delta_to=held if update.round_delta else None)
+            rounding = workspace.take("rounding", n * cols * held.itemsize).view(held) if round_to else None
+            merge_rows_into(weight, delta, upcast, merged, round_delta_to=round_to, rounding=rounding)
         writer.write(memoryview(raw.numpy()))
 
 
@@ -235,7 +237,7 @@ def _replace_tokens(
     held = DTYPES[task.held_dtype][0]
     indices = torch.tensor(update.indices, dtype=torch.int64)
     values = read_tensor(update.delta, reader)
-    for start, stop, block in _weight_rows(task, step, ahead):
+    for start, stop, block in _weight_rows(task, step, ahead, workspace):
         raw = workspace.take("output", (stop - start) * cols * out_size)
         out = raw.view(out_dtype).view(stop - start, cols)
         out.copy_(block)
@@ -251,16 +253,22 @@ def _rows_source(task: TensorTask) -> AdapterTensor:
     return task.source
 
 
-def _weight_rows(task: TensorTask, step: int, ahead: ReadAhead) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _weight_rows(
+    task: TensorTask, step: int, ahead: ReadAhead, workspace: Workspace
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The weight being merged, `step` rows at a time, as PEFT holds it: the base's, or the adapter's replacement
-    rounded to the dtype the model was loaded in. Yields (start, stop, rows)."""
+    rounded to the dtype the model was loaded in (into a reused buffer, not a new tensor per block). Yields
+    (start, stop, rows), the rows valid until the next block."""
     tensor = _rows_source(task)
     dtype = dtype_of(tensor)
     cols = task.output.shape[1]
-    held = DTYPES[task.held_dtype][0] if task.replacement is not None else None
+    held = DTYPES[task.held_dtype][0]
+    rounds = task.replacement is not None and held != dtype
     for start, stop, byte_range in _row_blocks(task, step):
         rows = tensor[start:stop] if byte_range is None else ahead.take(byte_range).view(dtype).view(stop - start, cols)
-        yield start, stop, rows if held is None else held_weight(rows, held)
+        if rounds:
+            rows = workspace.take("held", rows.numel() * held.itemsize).view(held).view(rows.shape).copy_(rows)
+        yield start, stop, rows
 
 
 def _held_source(task: TensorTask, reader: TensorReader) -> torch.Tensor:

@@ -147,16 +147,21 @@ def merge_rows_into(
     upcast: torch.Tensor,
     out: torch.Tensor,
     round_delta_to: torch.dtype | None = None,
+    rounding: torch.Tensor | None = None,
 ) -> None:
     """out <- W + delta for a block of rows: summed in float32 (float64 if either side is), rounded once.
 
     `delta` is overwritten. Adding W to the delta rather than the delta to W gives the same bits (IEEE addition
     is commutative). W is first widened into the float32 buffer `upcast`: an in-place float32 += bfloat16 takes
     a slow mixed-dtype path, about eight times slower than the copy and the add together. `round_delta_to` rounds
-    the delta to that dtype first, as PEFT's embedding merge does (`W += delta.to(W.dtype)`).
+    the delta to that dtype first, as PEFT's embedding merge does (`W += delta.to(W.dtype)`), through `rounding` if
+    given (a buffer of at least as many elements of that dtype) rather than a new tensor.
     """
     if round_delta_to is not None and round_delta_to != delta.dtype:
-        delta.copy_(delta.to(round_delta_to))
+        if rounding is None:
+            delta.copy_(delta.to(round_delta_to))
+        else:
+            delta.copy_(rounding[: delta.numel()].view(delta.shape).copy_(delta))
     out.copy_(_sum_into(weight, delta, upcast))
 
 
