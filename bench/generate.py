@@ -6,6 +6,10 @@ one at a time from its own seeded generator, so generation needs one tensor's wo
 bytes depend only on (seed, tensor name). The adapter is written directly in PEFT's format, without
 PEFT. A ``complete.json`` marker written last makes later runs reuse the files.
 
+Deliberately independent of the code under test: shard packing and naming, the index and the safetensors
+header (``stream_writer.py``) are written here again rather than imported from qlora_merge, so a bug there
+cannot make the benchmark's inputs agree with it.
+
 Usage: python bench/generate.py --size 1b --workdir /tmp/qlora-bench [--seed 0]
 """
 

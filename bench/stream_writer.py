@@ -1,7 +1,8 @@
 """Write a safetensors file one tensor at a time, so that at most one tensor is ever in memory.
 
 The header (names, dtypes, shapes, offsets) is fully known from the shapes alone, so it is written
-first; each tensor is then produced by a callback, written, and dropped.
+first; each tensor is then produced by a callback, written, and dropped. Independent of qlora_merge's own
+writer on purpose: the benchmark's inputs must not share its bugs.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from factories import make_adapter, make_base
 from safetensors.torch import load_file, save_file
 
 import qlora_merge
-import qlora_merge.stream
+import qlora_merge.pipeline
 from qlora_merge import (
     AdapterFormatError,
     CheckpointFormatError,
@@ -681,7 +681,7 @@ def test_internal_error_exits_1_and_shows_traceback_only_with_debug(
     def broken(*args: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(qlora_merge.stream, "run_plan", broken)
+    monkeypatch.setattr(qlora_merge.pipeline, "run_plan", broken)
     bad = Bad(sources.base, sources.adapter, "")
 
     code, _, err = run_cli(bad, tmp_path / "out")
@@ -702,7 +702,7 @@ def test_interrupt_exits_130_and_leaves_nothing(
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qlora_merge.stream, "run_plan", interrupted)
+    monkeypatch.setattr(qlora_merge.pipeline, "run_plan", interrupted)
     code, _, err = run_cli(Bad(sources.base, sources.adapter, ""), tmp_path / "out")
     assert code == 130
     assert err.splitlines() == ["qlora-merge: interrupted; no output was written"]

@@ -15,7 +15,7 @@ from . import __version__
 from .errors import MergeError
 from .pipeline import MergeResult, merge
 from .plan import OUTPUT_DTYPES
-from .progress import ProgressEvent, human_bytes
+from .progress import ProgressEvent, human_bytes, ignore_progress
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             overwrite=args.overwrite,
             allow_unused=args.allow_unused,
             dry_run=args.dry_run,
-            progress=(lambda event: None) if args.json else log,
+            progress=ignore_progress if args.json else log,
         )
     except MergeError as exc:
         print(f"qlora-merge: error: {exc}", file=err)

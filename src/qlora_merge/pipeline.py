@@ -32,6 +32,7 @@ from .outputs import (
 from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, CoverageRow, MergePlan, TensorTask, build_plan, coverage
 from .progress import ProgressCallback, ProgressEvent, human_bytes, ignore_progress
 from .resolve import resolve_adapter, resolve_base
+from .stream import run_plan
 
 log = logging.getLogger(__name__)
 
@@ -291,8 +292,6 @@ def _write(inputs: Inputs, staging: Path, progress: ProgressCallback, timings: d
         )
 
     writer = CheckpointWriter(staging, list(plan.shards), {"format": "pt"})
-    from .stream import run_plan
-
     try:
         with TensorReader() as reader:
             run_plan(plan, reader, writer, on_tensor)
