@@ -63,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="plan only: print each adapter tensor and the base tensor it changes, shape, vocab and tying "
         "changes and the bytes to write; write nothing",
     )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write merged tensors even if they hold NaN or infinite values, or values beyond float16's range "
+        "with --dtype f16 (default: fail naming the tensor); each is reported in a warning",
+    )
+    parser.add_argument(
+        "--checksum",
+        action="store_true",
+        help="write a README.md model card in the output with the SHA-256 of every shard",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the stage log")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"qlora-merge {__version__}")
@@ -204,6 +215,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             overwrite=args.overwrite,
             allow_unused=args.allow_unused,
             dry_run=args.dry_run,
+            allow_nonfinite=args.allow_nonfinite,
+            checksum=args.checksum,
             progress=ignore_progress if args.json else log,
         )
     except MergeError as exc:
@@ -226,5 +239,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             f"   {result.tensors_merged} tensors merged, {result.tensors_copied + result.tensors_converted} copied, "
             f"{human_bytes(result.bytes_written)} in {len(result.shards)} shard(s), peak RSS {_peak_rss_gb():.2f} GB"
         )
+        if result.checksums:
+            log.line(f"   SHA-256 of {len(result.checksums)} shard(s) in {result.output / 'README.md'}")
         log.line(f"{log.mark('done')} Done. Merged model: {result.output}")
     return 0

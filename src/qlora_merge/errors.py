@@ -33,3 +33,7 @@ class ShapeMismatch(MergeError):
 
 class OutputError(MergeError):
     """The output location cannot be written as asked (exists, not writable, inside an input)."""
+
+
+class NonFiniteValues(MergeError):
+    """A merged or converted tensor holds NaN or infinite values, or values beyond float16's range."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -13,6 +14,9 @@ from typing import Any
 
 from .errors import OutputError
 from .names import ADAPTER_CONFIG_NAME, PICKLE_INDEX_NAME, WEIGHTS_INDEX_NAME
+from .progress import human_bytes
+
+log = logging.getLogger(__name__)
 
 # Files of other weight formats are not companions: copying them would ship stale, unmerged weights.
 WEIGHT_SUFFIXES = (
@@ -58,15 +62,92 @@ def check_output_free(output: Path, overwrite: bool) -> None:
 
 
 def check_not_inside(output: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an output equal to or inside an input: replacing it would delete what is being read."""
+    """Refuse an output equal to or inside an input, or holding one: replacing it would delete what is read."""
     resolved = output.resolve()
     for source in inputs:
         if resolved == source.resolve() or resolved.is_relative_to(source.resolve()):
             raise OutputError(f"{output}: output must not be inside an input ({source})")
+        if source.resolve().is_relative_to(resolved):
+            raise OutputError(f"{output}: output must not contain an input ({source}): replacing it would delete it")
+
+
+# Free space kept beyond the planned bytes: headers, companion files, and a disk never filled to the last byte.
+SPACE_HEADROOM_BYTES = 64 << 20
+
+
+def check_free_space(output: Path, needed: int) -> None:
+    """Refuse to start a merge whose output cannot fit: better now than after writing most of it.
+
+    The space is measured on the nearest existing ancestor of the output (the directories may not exist yet).
+    An old output being replaced still takes its space until the end, so it is not counted as free.
+    """
+    place = output.resolve()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    try:
+        free = shutil.disk_usage(place).free
+    except OSError:  # cannot tell (an unusual filesystem): writing will report a full disk by itself
+        return
+    wanted = needed + SPACE_HEADROOM_BYTES
+    if free < wanted:
+        raise OutputError(
+            f"{place}: not enough free space for the output: needs {human_bytes(wanted)} ({wanted} bytes, "
+            f"{SPACE_HEADROOM_BYTES >> 20} MiB of it headroom), {human_bytes(free)} ({free} bytes) available"
+        )
+
+
+def remove_stale(output: Path) -> list[Path]:
+    """Clear what merges into `output` that were killed (SIGKILL, power loss) left beside it; returns it.
+
+    A merge writes into `.NAME.partial-PID-*` and, while replacing an old output, parks that one in
+    `.NAME.old-PID-*`; a killed process cannot remove them. Only directories of exactly these names whose
+    process is no longer alive on this machine are touched. An old output parked by a merge killed between its
+    two renames is the only copy left: it is put back in place rather than deleted.
+    """
+    parent = output.resolve().parent
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        kind = _stale_kind(entry, output.name)
+        if kind is None:
+            continue
+        path = Path(entry.path)
+        parked = path / output.name
+        if kind == "old" and parked.is_dir() and not os.path.lexists(output.resolve()):
+            parked.rename(output.resolve())
+            log.warning("%s: put back the previous output, which a killed merge had moved to %s", output, path)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _stale_kind(entry: os.DirEntry[str], name: str) -> str | None:
+    for kind in ("partial", "old"):
+        prefix = f".{name}.{kind}-"
+        if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
+            pid = entry.name[len(prefix) :].split("-", 1)[0]
+            return kind if pid.isdigit() and not _alive(int(pid)) else None
+    return None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def make_staging_dir(output: Path) -> tuple[Path, list[Path]]:
-    """A hidden sibling of the output on the same filesystem, so the final rename is atomic.
+    """A hidden sibling of the output on the same filesystem, so the final rename is atomic. Its name carries
+    this process's id, so a later merge can tell it from a live one's when this process is killed.
 
     Missing parent directories are created; they are returned, deepest first, so that a failed merge can remove
     them again and leave the disk as it found it.
@@ -75,7 +156,7 @@ def make_staging_dir(output: Path) -> tuple[Path, list[Path]]:
     created = [p for p in (parent, *parent.parents) if not p.exists()]
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{os.getpid()}-", dir=parent))
     except OSError as exc:
         _remove_empty(created)
         raise OutputError(f"{parent}: cannot create the output there ({exc.strerror or exc})") from exc
@@ -92,7 +173,7 @@ def publish(staging: Path, output: Path) -> None:
     output = output.resolve()
     retired = None
     if output.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-{os.getpid()}-", dir=output.parent))
         output.rename(retired / output.name)
     try:
         staging.rename(output)

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .adapter import read_adapter
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
+from .card import write_card
 from .checkpoint.format import read_safetensors_header
 from .checkpoint.index import open_checkpoint
 from .checkpoint.reader import TensorReader
 from .checkpoint.writer import CheckpointWriter, parse_size
+from .checks import ValueCheck
 from .errors import CheckpointFormatError, MergeError
 from .keymap import resolve_loader
 from .names import WEIGHTS_INDEX_NAME
 from .outputs import (
     adapter_tokenizer_files,
+    check_free_space,
     check_not_inside,
     check_output_free,
     companion_files,
@@ -27,6 +31,7 @@ from .outputs import (
     discard,
     make_staging_dir,
     publish,
+    remove_stale,
     write_config,
 )
 from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, CoverageRow, MergePlan, TensorTask, build_plan, coverage
@@ -60,6 +65,8 @@ class MergeResult:
     coverage: tuple[CoverageRow, ...] = ()
     unused: tuple[str, ...] = ()
     reshaped: tuple[str, ...] = ()  # output tensors whose name or shape differs from the base's, and why
+    nonfinite: tuple[str, ...] = ()  # tensors written with NaN/inf values (only with allow_nonfinite)
+    checksums: dict[str, str] = field(default_factory=dict)  # shard -> SHA-256 (only with checksum)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +102,8 @@ def merge(
     overwrite: bool = False,
     allow_unused: bool = False,
     dry_run: bool = False,
+    allow_nonfinite: bool = False,
+    checksum: bool = False,
     progress: ProgressCallback = ignore_progress,
 ) -> MergeResult:
     """Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint to `output`.
@@ -103,6 +112,10 @@ def merge(
     the model size. The output appears only when complete; on any error nothing is left behind.
     Every adapter tensor must update some output tensor, unless `allow_unused`. With `dry_run`, nothing is
     written: the result reports the plan (`coverage`: each adapter tensor and the tensor it changes).
+    A merged or converted tensor with NaN or infinite values, or values beyond float16's range in an f16 output,
+    is an error unless `allow_nonfinite` (then it is logged and kept in `nonfinite`). With `checksum`, the output
+    gets a README.md model card with the SHA-256 of every shard. The free space at the output is checked first.
+    What killed merges into the same output left behind is removed first (see `outputs.remove_stale`).
     Raises MergeError (and subclasses) for bad input.
     """
     if dtype not in OUTPUT_DTYPES:
@@ -112,6 +125,8 @@ def merge(
     except ValueError as exc:
         raise MergeError(f"--max-shard-size: {exc}") from exc
     output = Path(output)
+    if not dry_run:
+        remove_stale(output)
     timings: dict[str, float] = {}
     inputs = _prepare(
         str(base),
@@ -128,19 +143,20 @@ def merge(
     )
     if dry_run:
         return _result(inputs, output, dtype, 0, timings, dry_run=True)
+    check_free_space(output, inputs.plan.output_bytes + sum(p.stat().st_size for p in inputs.companions))
     staging, created = make_staging_dir(output)
     try:
-        bytes_written = _write(inputs, staging, progress, timings)
+        bytes_written, nonfinite = _write(inputs, staging, allow_nonfinite, progress, timings)
         started = time.perf_counter()
         progress(ProgressEvent("save", "start", str(output)))
-        _finish(inputs, staging, dtype)
+        checksums = _finish(inputs, staging, dtype, str(base), str(adapter), checksum)
         publish(staging, output)
     except BaseException:
         discard(staging, created)
         raise
     timings["save"] = time.perf_counter() - started
     progress(ProgressEvent("save", "done", str(output), elapsed=timings["save"]))
-    return _result(inputs, output, dtype, bytes_written, timings)
+    return replace(_result(inputs, output, dtype, bytes_written, timings), nonfinite=nonfinite, checksums=checksums)
 
 
 def _result(
@@ -267,8 +283,16 @@ def _same_values(first: AdapterTensor, second: AdapterTensor, transpose: bool, r
     return all(bool((a == b).all()) for a, b in zip(*pieces, strict=True))
 
 
-def _write(inputs: Inputs, staging: Path, progress: ProgressCallback, timings: dict[str, float]) -> int:
+def _write(
+    inputs: Inputs,
+    staging: Path,
+    allow_nonfinite: bool,
+    progress: ProgressCallback,
+    timings: dict[str, float],
+) -> tuple[int, tuple[str, ...]]:
+    """Stream every tensor into the staging dir; returns the bytes written and the tensors kept with NaN/inf."""
     plan = inputs.plan
+    values = ValueCheck(allow_nonfinite)
     total_tensors = len(plan.tasks)
     total_bytes = plan.output_bytes
     started = time.perf_counter()
@@ -277,6 +301,8 @@ def _write(inputs: Inputs, staging: Path, progress: ProgressCallback, timings: d
 
     def on_tensor(task: TensorTask, bytes_done: int) -> None:
         nonlocal done
+        where = task.source.file if task.source is not None else inputs.adapter_dir
+        values.tensor_done(str(where), task.output.name, task.output.dtype, math.prod(task.output.shape))
         done += 1
         progress(
             ProgressEvent(
@@ -294,7 +320,7 @@ def _write(inputs: Inputs, staging: Path, progress: ProgressCallback, timings: d
     writer = CheckpointWriter(staging, list(plan.shards), {"format": "pt"})
     try:
         with TensorReader() as reader:
-            run_plan(plan, reader, writer, on_tensor)
+            run_plan(plan, reader, writer, on_tensor, values)
         writer.close()
     finally:
         writer.abort()
@@ -312,29 +338,45 @@ def _write(inputs: Inputs, staging: Path, progress: ProgressCallback, timings: d
             bytes_total=total_bytes,
         )
     )
-    return writer.bytes_written
+    return writer.bytes_written, tuple(values.findings)
 
 
-def _finish(inputs: Inputs, staging: Path, dtype: str) -> None:
-    """Companion files, config.json, and a re-read of what was written before it may be published."""
+def _finish(inputs: Inputs, staging: Path, dtype: str, base: str, adapter: str, checksum: bool) -> dict[str, str]:
+    """Companion files, config.json, a re-read of what was written before it may be published, and with
+    `checksum` a model card with each shard's SHA-256 (returned)."""
+    from . import __version__
+
     copy_companions(inputs.companions, staging)
     if inputs.base_config:
         write_config(inputs.base_config, TORCH_DTYPE_NAMES[OUTPUT_DTYPES[dtype]], staging, inputs.plan.config_changes)
     _check_written(inputs.plan, staging)
+    if not checksum:
+        return {}
+    shards = [shard.file_name for shard in inputs.plan.shards]
+    return write_card(staging, base, adapter, dtype, __version__, shards)
 
 
 def _check_written(plan: MergePlan, staging: Path) -> None:
-    """Every planned tensor is in the shards exactly once with its dtype and shape, and the index agrees."""
+    """Every planned tensor is in the shards exactly once with its dtype and shape, each shard ends where its
+    last tensor does, and the index agrees (names and total size)."""
     found: dict[str, tuple[str, tuple[int, ...], str]] = {}
     for shard in plan.shards:
-        for entry in read_safetensors_header(staging / shard.file_name).tensors:
+        path = staging / shard.file_name
+        header = read_safetensors_header(path)
+        for entry in header.tensors:
+            if entry.name in found:
+                raise CheckpointFormatError(f"{path}: tensor '{entry.name}' was written twice")
             found[entry.name] = (entry.dtype, entry.shape, shard.file_name)
+        end = header.tensors[-1].end if header.tensors else 0
+        if sum(e.nbytes for e in header.tensors) != shard.nbytes or path.stat().st_size != end:
+            raise CheckpointFormatError(f"{path}: written shard is not the planned size")
     expected = {t.output.name: (t.output.dtype, t.output.shape) for t in plan.tasks}
     if {k: v[:2] for k, v in found.items()} != expected:
         raise CheckpointFormatError(f"{staging}: written shards do not match the plan")
     if len(plan.shards) > 1:
-        weight_map = json.loads((staging / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
-        if weight_map != {name: v[2] for name, v in found.items()}:
+        index = json.loads((staging / WEIGHTS_INDEX_NAME).read_text())
+        weight_map = index["weight_map"]
+        if index["metadata"]["total_size"] != plan.output_bytes or weight_map != {n: v[2] for n, v in found.items()}:
             raise CheckpointFormatError(f"{staging / WEIGHTS_INDEX_NAME}: index does not match the shards")
 
 

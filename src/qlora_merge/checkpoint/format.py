@@ -90,17 +90,24 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
         raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + header_len
     data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointFormatError(f"{path}: __metadata__ is not an object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointFormatError(f"{path}: __metadata__ is not an object of strings")
     entries = [_parse_entry(path, name, info, data_start, data_size) for name, info in header.items()]
     entries.sort(key=lambda e: (e.start, e.end))
+    # As the safetensors library requires: tensors back to back from the start of the data to the end of the file.
+    # A gap or trailing bytes mean a corrupt or tampered file, which no loader would read.
     cursor = data_start
     for entry in entries:
         if entry.start < cursor:
             raise CheckpointFormatError(f"{path}: tensor '{entry.name}' overlaps the tensor before it")
+        if entry.start > cursor:
+            raise CheckpointFormatError(f"{path}: {entry.start - cursor} unused bytes before tensor '{entry.name}'")
         cursor = entry.end
-    return SafetensorsFile(path=path, tensors=tuple(entries), metadata={str(k): str(v) for k, v in metadata.items()})
+    if cursor != size:
+        raise CheckpointFormatError(f"{path}: {size - cursor} bytes after the last tensor (corrupt or appended to)")
+    return SafetensorsFile(path=path, tensors=tuple(entries), metadata=metadata)
 
 
 def _parse_entry(path: Path, name: str, info: object, data_start: int, data_size: int) -> TensorEntry:
