@@ -4,6 +4,7 @@ or with --allow-nonfinite a warning and the values written as they are."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from qlora_merge.cli import main
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 HIDDEN = 32
+TOKEN_DELTA = "model.embed_tokens.token_adapter.trainable_tokens_delta"
 
 
 def edit(path: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
@@ -113,7 +115,21 @@ def test_count_nonfinite() -> None:
     assert count_nonfinite(out, wide) == (1, 1, 2)
     assert count_nonfinite(out) == (1, 3, 0)
     assert count_nonfinite(torch.ones(4, dtype=torch.bfloat16)) == (0, 0, 0)
-    # Finite values whose float32 sum overflows take the exact path and are still found finite.
+    # Finite values whose sum overflows take the exact path and are still found finite.
     huge = torch.full((4,), 3e38, dtype=torch.bfloat16)
     assert count_nonfinite(huge) == (0, 0, 0)
+    assert count_nonfinite(torch.full((100,), 1000.0, dtype=torch.float16)) == (0, 0, 0)  # sums to 1e5 in float16
     assert count_nonfinite(torch.tensor([1, 2], dtype=torch.int64)) == (0, 0, 0)
+
+
+def test_nan_in_trainable_token_rows(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    """Trainable tokens put the adapter's rows into the embedding: a NaN there is caught like a merged one."""
+    base, adapter = inputs
+    delta = torch.zeros(2, HIDDEN)
+    delta[1, :5] = math.nan
+    edit(adapter / "adapter_model.safetensors", lambda t: t.update({f"{PEFT_PREFIX}{TOKEN_DELTA}": delta}))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"trainable_token_indices": [3, 7]}))
+    with pytest.raises(NonFiniteValues, match=r"'model.embed_tokens.weight' \(BF16\): 5 NaN of 2048 values"):
+        merge(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

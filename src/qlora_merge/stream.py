@@ -207,7 +207,7 @@ def _merge(
         return
     if isinstance(update, TokenUpdate):
         assert step is not None
-        _replace_tokens(task, update, step, reader, ahead, writer, workspace)
+        _replace_tokens(task, update, step, reader, ahead, writer, workspace, check)
         return
     assert isinstance(update, LoraUpdate)
     a = load_factor(update.pair.a, reader)
@@ -249,6 +249,7 @@ def _replace_tokens(
     ahead: ReadAhead,
     writer: CheckpointWriter,
     workspace: Workspace,
+    check: ValueCheck,
 ) -> None:
     """Trainable tokens: the weight as it is, a chunk of rows at a time, with the trained rows put in."""
     cols = task.output.shape[1]
@@ -261,6 +262,7 @@ def _replace_tokens(
         out = raw.view(out_dtype).view(stop - start, cols)
         out.copy_(block)
         replace_token_rows(out, start, indices, values, held)
+        check.block(out)
         writer.write(memoryview(raw.numpy()))
 
 
