@@ -11,8 +11,9 @@ from .errors import (
     ShapeMismatch,
     UnsupportedAdapter,
 )
-from .pipeline import MergeResult, merge
+from .pipeline import MergeResult, merge, verify
 from .progress import ProgressEvent
+from .verify import VerifyReport
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,8 @@ __all__ = [
     "ProgressEvent",
     "ShapeMismatch",
     "UnsupportedAdapter",
+    "VerifyReport",
     "__version__",
     "merge",
+    "verify",
 ]

@@ -8,17 +8,21 @@ import logging
 import resource
 import sys
 import traceback
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Callable, Sequence
+from typing import TextIO, TypeVar
 
 from . import __version__
 from .errors import MergeError
-from .pipeline import MergeResult, merge
+from .pipeline import MergeResult, merge, verify
 from .plan import OUTPUT_DTYPES
 from .progress import ProgressEvent, human_bytes, ignore_progress
+from .verify import VerifyReport
+
+T = TypeVar("T")
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
+EXIT_NOT_VERIFIED = 3  # the inputs were fine; the merged checkpoint is not base + adapter
 
 STAGE_TEXT = {
     "base": ("Loading base model (streaming: headers only, no model class)", "Base model indexed"),
@@ -64,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         "changes and the bytes to write; write nothing",
     )
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="after the merge, read the output back and prove every tensor equals base + adapter "
+        "(as `qlora-merge verify` does); exit 3 if not",
+    )
+    parser.add_argument(
         "--allow-nonfinite",
         action="store_true",
         help="write merged tensors even if they hold NaN or infinite values, or values beyond float16's range "
@@ -85,7 +95,7 @@ class StageLog:
 
     def __init__(self, out: TextIO, err: TextIO, requested_loader: str) -> None:
         self.out, self.err, self.requested_loader = out, err, requested_loader
-        self.fancy = _can_print(out, "⏳✅💾…")
+        self.fancy = _can_print(out, "⏳✅💾❌…")
         self.bar = err.isatty()
 
     def line(self, text: str) -> None:
@@ -93,7 +103,9 @@ class StageLog:
 
     def mark(self, kind: str) -> str:
         marks = (
-            {"start": "⏳", "done": "✅", "save": "💾"} if self.fancy else {"start": "..", "done": "ok", "save": ">>"}
+            {"start": "⏳", "done": "✅", "save": "💾", "fail": "❌"}
+            if self.fancy
+            else {"start": "..", "done": "ok", "save": ">>", "fail": "!!"}
         )
         return marks[kind]
 
@@ -191,20 +203,19 @@ def _peak_rss_gb() -> float:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        return _verify_main(argv[1:], out, err)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="qlora-merge: %(levelname)s: %(message)s",
-        stream=err,
-    )
+    _configure_logging(args.debug, err)
     log = StageLog(out, err, args.loader)
     if not args.json:
         log.line(f"base    : {args.base}")
         log.line(f"adapter : {args.adapter}")
         log.line(f"output  : {args.output}")
         log.line(f"dtype   : {args.dtype}")
-    try:
-        result = merge(
+    code, result = _guarded(
+        lambda: merge(
             args.base,
             args.adapter,
             args.output,
@@ -218,18 +229,12 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             allow_nonfinite=args.allow_nonfinite,
             checksum=args.checksum,
             progress=ignore_progress if args.json else log,
-        )
-    except MergeError as exc:
-        print(f"qlora-merge: error: {exc}", file=err)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("qlora-merge: interrupted; no output was written", file=err)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            traceback.print_exc(file=err)
-        print(f"qlora-merge: internal error: {type(exc).__name__}: {exc} (re-run with --debug)", file=err)
-        return EXIT_INTERNAL
+        ),
+        args.debug,
+        err,
+    )
+    if result is None:
+        return code
     if args.json:
         print(json.dumps(result.to_dict() | {"peak_rss_gb": round(_peak_rss_gb(), 3)}, indent=2), file=out)
     elif result.dry_run:
@@ -241,5 +246,120 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         )
         if result.checksums:
             log.line(f"   SHA-256 of {len(result.checksums)} shard(s) in {result.output / 'README.md'}")
+    if args.verify and not result.dry_run:
+        code, report = _guarded(
+            lambda: verify(
+                args.base,
+                args.adapter,
+                result.output,
+                loader=args.loader,
+                hf_token=args.hf_token,
+                allow_unused=args.allow_unused,
+            ),
+            args.debug,
+            err,
+        )
+        if report is None:
+            return code
+        if not args.json:
+            log.line(_verdict(report, log))
+        if not report.ok:
+            print(f"qlora-merge: verification failed: {_failures(report)}", file=err)
+            return EXIT_NOT_VERIFIED
+    if not args.json and not result.dry_run:
         log.line(f"{log.mark('done')} Done. Merged model: {result.output}")
     return 0
+
+
+def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
+    """`qlora-merge verify`: exit 0 when the merged checkpoint is base + adapter, 3 when it is not."""
+    parser = argparse.ArgumentParser(
+        prog="qlora-merge verify",
+        description="Prove a merge took: derive every tensor of the merged checkpoint again from base and adapter "
+        "(streaming, flat memory) and compare them byte for byte; no LoRA key may remain.",
+    )
+    parser.add_argument("--base", required=True, help="local path or HF repo id of the base model")
+    parser.add_argument("--adapter", required=True, help="local path or HF repo id of the LoRA adapter")
+    parser.add_argument("--merged", required=True, help="the merged model directory to check")
+    parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
+    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+    parser.add_argument("--allow-unused", action="store_true", help="as for the merge: adapter tensors may go unused")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    args = parser.parse_args(argv)
+    _configure_logging(args.debug, err)
+    log = StageLog(out, err, args.loader)
+    code, report = _guarded(
+        lambda: verify(
+            args.base,
+            args.adapter,
+            args.merged,
+            loader=args.loader,
+            hf_token=args.hf_token,
+            allow_unused=args.allow_unused,
+        ),
+        args.debug,
+        err,
+    )
+    if report is None:
+        return code
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2), file=out)
+    else:
+        log.line(f"base    : {args.base}")
+        log.line(f"adapter : {args.adapter}")
+        log.line(f"merged  : {args.merged}")
+        log.line(_verdict(report, log))
+    if not report.ok:
+        print(f"qlora-merge: verification failed: {_failures(report)}", file=err)
+        return EXIT_NOT_VERIFIED
+    return 0
+
+
+def _verdict(report: VerifyReport, log: StageLog) -> str:
+    if report.ok:
+        return (
+            f"{log.mark('done')} Verified: {report.tensors_checked} tensors byte-identical to base + adapter "
+            f"({report.tensors_merged} merged), no LoRA keys left"
+        )
+    return f"{log.mark('fail')} Not verified: {_failures(report)}"
+
+
+def _failures(report: VerifyReport) -> str:
+    """One line: what differs, with the first few names and why."""
+    parts = []
+    for label, names in (
+        ("differ", report.mismatched),
+        ("missing", report.missing),
+        ("unexpected", report.unexpected),
+        ("LoRA keys left", report.lora_keys),
+    ):
+        if names:
+            shown = ", ".join(f"{n} ({report.details[n]})" if n in report.details else n for n in names[:2])
+            parts.append(f"{len(names)} {label}: {shown}{' …' if len(names) > 2 else ''}")
+    return "; ".join(parts)
+
+
+def _guarded(call: Callable[[], T], debug: bool, err: TextIO) -> tuple[int, T | None]:
+    """Run the library call; a MergeError is one line and exit 2, anything else an internal error (exit 1)."""
+    try:
+        return 0, call()
+    except MergeError as exc:
+        print(f"qlora-merge: error: {exc}", file=err)
+        return EXIT_BAD_INPUT, None
+    except KeyboardInterrupt:
+        print("qlora-merge: interrupted; no output was written", file=err)
+        return 130, None
+    except Exception as exc:
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"qlora-merge: internal error: {type(exc).__name__}: {exc} (re-run with --debug)", file=err)
+        return EXIT_INTERNAL, None
+
+
+def _configure_logging(debug: bool, err: TextIO) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="qlora-merge: %(levelname)s: %(message)s",
+        stream=err,
+    )

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,11 @@ from .adapter import read_adapter
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
 from .card import write_card
 from .checkpoint.format import read_safetensors_header
-from .checkpoint.index import open_checkpoint
+from .checkpoint.index import CheckpointIndex, open_checkpoint
 from .checkpoint.reader import TensorReader
 from .checkpoint.writer import CheckpointWriter, parse_size
 from .checks import ValueCheck
-from .errors import CheckpointFormatError, MergeError
+from .errors import CheckpointFormatError, InputNotFound, MergeError
 from .keymap import resolve_loader
 from .names import WEIGHTS_INDEX_NAME
 from .outputs import (
@@ -38,6 +39,7 @@ from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, CoverageRow, MergePl
 from .progress import ProgressCallback, ProgressEvent, human_bytes, ignore_progress
 from .resolve import resolve_adapter, resolve_base
 from .stream import run_plan
+from .verify import VerifyReport, check_against_plan
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,43 @@ def merge(
     return replace(_result(inputs, output, dtype, bytes_written, timings), nonfinite=nonfinite, checksums=checksums)
 
 
+def verify(
+    base: str | Path,
+    adapter: str | Path,
+    merged: str | Path,
+    *,
+    loader: str = "auto",
+    hf_token: str | None = None,
+    allow_unused: bool = False,
+    progress: ProgressCallback = ignore_progress,
+) -> VerifyReport:
+    """Prove that `merged` is `adapter` merged into `base`: every output tensor is derived again, streaming as a
+    merge does, and compared byte for byte with the merged files, which must hold nothing else (no LoRA keys).
+
+    The dtype is the merged checkpoint's own. A mismatch is reported in the result (`ok` is False), not raised;
+    inputs that cannot be read raise MergeError as for a merge.
+    """
+    merged_dir = Path(merged)
+    if not merged_dir.is_dir():
+        raise InputNotFound(f"{merged_dir}: merged model directory not found")
+    merged_index = open_checkpoint(merged_dir)
+    dtype = _checkpoint_dtype(merged_index)
+    inputs = _prepare(
+        str(base), str(adapter), None, dtype, loader, hf_token, parse_size("5GB"), False, allow_unused, progress, {}
+    )
+    with TensorReader() as reader:
+        return check_against_plan(inputs.plan, merged_index, reader)
+
+
+def _checkpoint_dtype(index: CheckpointIndex) -> str:
+    """The output dtype a merged checkpoint was written in: that of most of its floating-point tensors."""
+    names = {name: key for key, name in OUTPUT_DTYPES.items()}
+    counts = Counter(entry.dtype for entry in index.tensors.values() if entry.dtype in names)
+    if not counts:
+        raise CheckpointFormatError(f"{index.root}: no bf16, f16 or f32 tensors; not a checkpoint this tool wrote")
+    return names[counts.most_common(1)[0][0]]
+
+
 def _result(
     inputs: Inputs, output: Path, dtype: str, bytes_written: int, timings: dict[str, float], dry_run: bool = False
 ) -> MergeResult:
@@ -187,7 +226,7 @@ def _result(
 def _prepare(
     base: str,
     adapter: str,
-    output: Path,
+    output: Path | None,
     dtype: str,
     loader: str,
     hf_token: str | None,
@@ -198,10 +237,12 @@ def _prepare(
     timings: dict[str, float],
 ) -> Inputs:
     with _stage("resolve", progress, timings) as stage:
-        check_output_free(output, overwrite)
+        if output is not None:
+            check_output_free(output, overwrite)
         base_dir = resolve_base(base, hf_token)
         adapter_dir = resolve_adapter(adapter, hf_token)
-        check_not_inside(output, [base_dir, adapter_dir])
+        if output is not None:
+            check_not_inside(output, [base_dir, adapter_dir])
         base_config = _read_base_config(base_dir)
         resolved_loader = resolve_loader(loader, base_config)
         stage.detail = resolved_loader.architecture
