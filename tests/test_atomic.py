@@ -308,3 +308,28 @@ def test_output_holding_an_input_is_refused_even_with_overwrite(small: tuple[Pat
     code, err = run_cli(base, adapter, parent, "--overwrite")
     assert_one_line(code, err, str(parent), "must not contain an input")
     assert tree(parent) == before
+
+
+# ------------------------------------------------------------------------------------ the re-read before publishing
+
+
+def test_an_index_that_disagrees_with_the_shards_is_never_published(
+    small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index's total_size is checked against the plan too, not only its names: loaders trust it."""
+    from qlora_merge import CheckpointFormatError
+    from qlora_merge.checkpoint import writer as writer_module
+
+    base, adapter = small
+    real_index_json = writer_module.index_json
+
+    def off_by_one(shards: list) -> dict | None:
+        index = real_index_json(shards)
+        if index is not None:
+            index["metadata"] = {"total_size": index["metadata"]["total_size"] + 1}  # type: ignore[index,operator]
+        return index
+
+    monkeypatch.setattr(writer_module, "index_json", off_by_one)
+    with pytest.raises(CheckpointFormatError, match="index does not match the shards"):
+        merge(base, adapter, tmp_path / "out", max_shard_size="8KB")
+    assert list(tmp_path.iterdir()) == []

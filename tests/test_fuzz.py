@@ -260,6 +260,7 @@ def _bucket(message: str) -> str:
     for fragment, label in [
         ("must be", "config field of the wrong type or value"),
         ("not supported", "unsupported adapter feature"),
+        ("rewritten base", "unsupported adapter feature"),
         ("not valid JSON", "invalid JSON"),
         ("JSON object", "invalid JSON"),
         ("__metadata__", "metadata not an object of strings"),
