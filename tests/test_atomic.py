@@ -268,8 +268,8 @@ def test_enough_free_space_is_not_refused(
 def test_read_only_destination_is_a_clear_error(
     small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: int
 ) -> None:
-    """Tests run as root, where chmod does not stop writes and mounting needs privileges: the refusal the kernel
-    would give (EROFS, EACCES) is raised where the staging dir is made."""
+    """The refusals the kernel gives (EROFS, EACCES), raised where the staging dir is made: also where tests run as
+    root (chmod does not stop root) without mount namespaces (test_read_only_filesystem)."""
     base, adapter = small
 
     def refused(*args: object, **kwargs: object) -> str:
@@ -283,6 +283,26 @@ def test_read_only_destination_is_a_clear_error(
     code, err = run_cli(base, adapter, output)
     assert_one_line(code, err, str(tmp_path / "made"), os.strerror(error))
     assert list(tmp_path.iterdir()) == [], "the parent made for the output was removed again"
+
+
+def test_read_only_filesystem(small: tuple[Path, Path], tmp_path: Path) -> None:
+    """A real read-only filesystem: the CLI runs in a private mount namespace (`unshare -rm`: no privileges needed,
+    and nothing outside it sees the mount) where the output's parent is a read-only tmpfs."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no unprivileged mount namespaces here")
+    base, adapter = small
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    mount_then_run = 'mount -t tmpfs -o ro,size=1g tmpfs "$1" && shift && exec "$@"'
+    command = [unshare, "-rm", "sh", "-c", mount_then_run, "sh", str(locked), sys.executable, "-m", "qlora_merge"]
+    command += ["--base", str(base), "--adapter", str(adapter), "--output", str(locked / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        f"qlora-merge: error: {locked}: cannot create the output there (Read-only file system)"
+    ]
+    assert list(locked.iterdir()) == []
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 directory")
