@@ -7,6 +7,7 @@ Examples it found that were bugs are kept as explicit cases at the end.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import shutil
@@ -22,10 +23,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from safetensors.torch import load_file
 from tiny_checkpoints import llama_checkpoint, reference_merge
 
 from qlora_merge.cli import main
+
+# Hypothesis keeps caches in ./.hypothesis unless told otherwise: tests write nothing into the current directory.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="qlora-merge-tests-hypothesis-")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
 ADAPTER_FILE = "adapter/adapter_model.safetensors"
 BASE_FILE = "base/model.safetensors"
