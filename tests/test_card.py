@@ -10,6 +10,7 @@ from pathlib import Path
 from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import __version__, merge
+from qlora_merge.card import model_card
 from qlora_merge.cli import main
 
 ROW = re.compile(r"^\| (\S+\.safetensors) \| ([0-9a-f]{64}) \|$", re.MULTILINE)
@@ -27,7 +28,7 @@ def test_checksums_of_every_shard_are_in_the_card(tmp_path: Path) -> None:
     assert sorted(listed) == shards
     for name, digest in listed.items():
         assert digest == hashlib.sha256((output / name).read_bytes()).hexdigest(), name
-    assert card.startswith(f'---\nbase_model: "{base}"\n')
+    assert card.startswith("---\ntags:\n"), "a local base is no hub repo: no base_model"
     assert f"`{adapter}`" in card and f"qlora-merge {__version__}" in card and "written as f16" in card
 
     result = merge(base, adapter, tmp_path / "lib", max_shard_size="8KB", dtype="f16", checksum=True)
@@ -39,3 +40,9 @@ def test_no_card_without_checksum(tmp_path: Path) -> None:
     result = merge(base, adapter, tmp_path / "out")
     assert result.checksums == {}
     assert not (tmp_path / "out" / "README.md").exists()
+
+
+def test_a_repo_id_base_is_the_cards_base_model() -> None:
+    card = model_card("org/base-7b@main", "org/adapter", "bf16", "9.9", {})
+    assert card.startswith('---\nbase_model: "org/base-7b"\ntags:\n')
+    assert "## Checksums" not in card

@@ -21,10 +21,12 @@ def sha256_file(path: Path) -> str:
 
 
 def model_card(base: str, adapter: str, dtype: str, version: str, checksums: Mapping[str, str]) -> str:
-    """A minimal model card: YAML front matter the hub reads (base_model, tags), provenance, shard checksums."""
+    """A minimal model card: YAML front matter the hub reads (tags, and base_model when the base is a repo id
+    rather than a local directory), provenance, shard checksums."""
+    is_local = Path(base).exists()
     lines = [
         "---",
-        f"base_model: {json.dumps(base)}",  # a JSON string is a valid YAML scalar, whatever the path holds
+        *([] if is_local else [f"base_model: {json.dumps(base.split('@')[0])}"]),  # JSON strings are YAML scalars
         "tags:",
         "- merge",
         "- lora",
