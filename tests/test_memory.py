@@ -8,46 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
-RANK = 16
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from tiny_checkpoints import llama_checkpoint
 
 
 def llama_shaped(directory: Path, hidden: int, intermediate: int, layers: int, vocab: int) -> int:
-    """A llama-shaped bf16 checkpoint (two shards) and an r=16 adapter on every projection; returns the base bytes."""
-    generator = torch.Generator().manual_seed(hidden)
-    shapes = {
-        "q_proj": (hidden, hidden),
-        "k_proj": (hidden // 4, hidden),
-        "v_proj": (hidden // 4, hidden),
-        "o_proj": (hidden, hidden),
-        "gate_proj": (intermediate, hidden),
-        "up_proj": (intermediate, hidden),
-        "down_proj": (hidden, intermediate),
-    }
-    base, adapter = directory / "base", directory / "adapter"
-    base.mkdir(parents=True)
-    adapter.mkdir()
-    weights = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
-    lora = {}
-    for layer in range(layers):
-        for name, shape in shapes.items():
-            group = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            module = f"model.layers.{layer}.{group}.{name}"
-            weights[f"{module}.weight"] = shape
-            lora[f"base_model.model.{module}.lora_A.weight"] = torch.randn(RANK, shape[1], generator=generator)
-            lora[f"base_model.model.{module}.lora_B.weight"] = torch.randn(shape[0], RANK, generator=generator)
-    names = list(weights)
-    half = len(names) // 2
-    for index, part in enumerate((names[:half], names[half:]), 1):
-        tensors = {n: torch.randn(weights[n], generator=generator).to(torch.bfloat16) for n in part}
-        save_file(tensors, base / f"model-{index:05d}-of-00002.safetensors", metadata={"format": "pt"})
-    (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
-    save_file(lora, adapter / "adapter_model.safetensors")
-    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 32, "target_modules": list(PROJECTIONS)}
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    """A llama-shaped bf16 checkpoint in two shards and an r=16 adapter on every projection; returns the base bytes."""
+    base, _ = llama_checkpoint(
+        directory, hidden=hidden, intermediate=intermediate, layers=layers, vocab=vocab, rank=16, shards=2
+    )
     return sum(p.stat().st_size for p in base.glob("*.safetensors"))
 
 

@@ -136,3 +136,17 @@ def test_self_test_memory_does_not_grow_with_the_tensor(monkeypatch: pytest.Monk
         assert proxy_rows <= 3 * wanted
     tails = {(a[1] if t else b[0]) % wanted for a, b, _, t, *_ in seen}
     assert tails == {14_336 % wanted, 128_256 % wanted} == {188, 138}, "the proxy keeps the real tail's size"
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float64])
+def test_merge_rows_returns_the_sum_before_rounding(weight_dtype: torch.dtype) -> None:
+    """Value checks compare the written block with this sum (a float16 overflow is finite here, infinite there): it
+    must be W + delta in the dtype PEFT sums in, also where that is float64 and the sum is a new tensor."""
+    generator = torch.Generator().manual_seed(5)
+    weight = (torch.randn(8, 16, generator=generator) * 40000).to(weight_dtype)
+    delta = torch.randn(8, 16, generator=generator) * 40000
+    expected = weight.double() + delta.double() if weight_dtype == torch.float64 else weight.float() + delta
+    out = torch.empty(8, 16, dtype=torch.float16)
+    total = merge_rows_into(weight, delta.clone(), torch.empty(8 * 16), out)
+    assert total.dtype == expected.dtype and torch.equal(total, expected)
+    assert torch.isinf(out).any() and torch.isfinite(total).all(), "the overflow shows only after rounding"

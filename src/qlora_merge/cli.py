@@ -9,6 +9,7 @@ import resource
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TextIO, TypeVar
 
 from . import __version__
@@ -247,25 +248,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         if result.checksums:
             log.line(f"   SHA-256 of {len(result.checksums)} shard(s) in {result.output / 'README.md'}")
     if args.verify and not result.dry_run:
-        code, report = _guarded(
-            lambda: verify(
-                args.base,
-                args.adapter,
-                result.output,
-                loader=args.loader,
-                hf_token=args.hf_token,
-                allow_unused=args.allow_unused,
-            ),
-            args.debug,
-            err,
-        )
-        if report is None:
+        code = _verify_and_report(args, result.output, log, err, json_out=None)
+        if code:
             return code
-        if not args.json:
-            log.line(_verdict(report, log))
-        if not report.ok:
-            print(f"qlora-merge: verification failed: {_failures(report)}", file=err)
-            return EXIT_NOT_VERIFIED
     if not args.json and not result.dry_run:
         log.line(f"{log.mark('done')} Done. Merged model: {result.output}")
     return 0
@@ -289,26 +274,30 @@ def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.debug, err)
     log = StageLog(out, err, args.loader)
+    if not args.json:
+        log.line(f"base    : {args.base}")
+        log.line(f"adapter : {args.adapter}")
+        log.line(f"merged  : {args.merged}")
+    return _verify_and_report(args, args.merged, log, err, json_out=out if args.json else None)
+
+
+def _verify_and_report(
+    args: argparse.Namespace, merged: str | Path, log: StageLog, err: TextIO, json_out: TextIO | None
+) -> int:
+    """verify() with the flags the merge and `verify` share; the verdict goes to the log (or the report as JSON to
+    `json_out`), a failure to stderr as one line. Returns the exit code."""
     code, report = _guarded(
         lambda: verify(
-            args.base,
-            args.adapter,
-            args.merged,
-            loader=args.loader,
-            hf_token=args.hf_token,
-            allow_unused=args.allow_unused,
+            args.base, args.adapter, merged, loader=args.loader, hf_token=args.hf_token, allow_unused=args.allow_unused
         ),
         args.debug,
         err,
     )
     if report is None:
         return code
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2), file=out)
-    else:
-        log.line(f"base    : {args.base}")
-        log.line(f"adapter : {args.adapter}")
-        log.line(f"merged  : {args.merged}")
+    if json_out is not None:
+        print(json.dumps(report.to_dict(), indent=2), file=json_out)
+    elif not args.json:
         log.line(_verdict(report, log))
     if not report.ok:
         print(f"qlora-merge: verification failed: {_failures(report)}", file=err)

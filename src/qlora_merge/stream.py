@@ -233,11 +233,11 @@ def _merge(
         raw = workspace.take("output", n * cols * out_size)
         merged = raw.view(out_dtype).view(n, cols)
         if magnitude is not None:
-            dora_rows_into(weight, delta, magnitude[start:stop], upcast, merged)
+            unrounded = dora_rows_into(weight, delta, magnitude[start:stop], upcast, merged)
         else:
             rounding = workspace.take("rounding", n * cols * held.itemsize).view(held) if round_to else None
-            merge_rows_into(weight, delta, upcast, merged, round_delta_to=round_to, rounding=rounding)
-        check.block(merged, delta)  # delta now holds the unrounded sum
+            unrounded = merge_rows_into(weight, delta, upcast, merged, round_delta_to=round_to, rounding=rounding)
+        check.block(merged, unrounded)
         writer.write(memoryview(raw.numpy()))
 
 

@@ -148,8 +148,9 @@ def merge_rows_into(
     out: torch.Tensor,
     round_delta_to: torch.dtype | None = None,
     rounding: torch.Tensor | None = None,
-) -> None:
-    """out <- W + delta for a block of rows: summed in float32 (float64 if either side is), rounded once.
+) -> torch.Tensor:
+    """out <- W + delta for a block of rows: summed in float32 (float64 if either side is), rounded once. Returns
+    the sum before that rounding (for value checks: a float16 overflow is finite there and infinite in `out`).
 
     `delta` is overwritten. Adding W to the delta rather than the delta to W gives the same bits (IEEE addition
     is commutative). W is first widened into the float32 buffer `upcast`: an in-place float32 += bfloat16 takes
@@ -162,13 +163,16 @@ def merge_rows_into(
             delta.copy_(delta.to(round_delta_to))
         else:
             delta.copy_(rounding[: delta.numel()].view(delta.shape).copy_(delta))
-    out.copy_(_sum_into(weight, delta, upcast))
+    total = _sum_into(weight, delta, upcast)
+    out.copy_(total)
+    return total
 
 
 def dora_rows_into(
     weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, upcast: torch.Tensor, out: torch.Tensor
-) -> None:
-    """out <- DoRA's merged rows of a Linear weight: V = W + delta, then (m / ||V||_row)[:, None] * V.
+) -> torch.Tensor:
+    """out <- DoRA's merged rows of a Linear weight: V = W + delta, then (m / ||V||_row)[:, None] * V; returns the
+    rows before their final rounding.
 
     PEFT's DoraLinearVariant.merge: the norm is `torch.linalg.norm(W + 1 * delta, dim=1)`, a reduction along each
     contiguous row on its own, so a block of rows gets the same norms as the whole weight (tests/test_dora.py and
@@ -176,7 +180,9 @@ def dora_rows_into(
     """
     v = _sum_into(weight, delta, upcast)
     factor = magnitude / torch.linalg.norm(v, dim=1).to(v.dtype)
-    out.copy_(v.mul_(factor.view(-1, 1)))
+    scaled = v.mul_(factor.view(-1, 1))
+    out.copy_(scaled)
+    return scaled
 
 
 def dora_whole(
