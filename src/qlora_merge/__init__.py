@@ -11,6 +11,7 @@ from .errors import (
     ShapeMismatch,
     UnsupportedAdapter,
 )
+from .inspection import AdapterReport, inspect_adapter
 from .pipeline import MergeResult, merge, verify
 from .progress import ProgressEvent
 from .verify import VerifyReport
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterFormatError",
+    "AdapterReport",
     "CheckpointFormatError",
     "InputNotFound",
     "KeyMatchError",
@@ -31,6 +33,7 @@ __all__ = [
     "UnsupportedAdapter",
     "VerifyReport",
     "__version__",
+    "inspect_adapter",
     "merge",
     "verify",
 ]

@@ -14,6 +14,7 @@ from typing import TextIO, TypeVar
 
 from . import __version__
 from .errors import MergeError
+from .inspection import AdapterReport, inspect_adapter
 from .pipeline import MergeResult, merge, verify
 from .plan import OUTPUT_DTYPES
 from .progress import ProgressEvent, human_bytes, ignore_progress
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlora-merge",
         description="Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint. "
         "The base is streamed tensor by tensor: memory stays small whatever the model size.",
+        epilog="other commands: `qlora-merge inspect ADAPTER [--base B]` describes an adapter and checks it fits a "
+        "base; `qlora-merge verify --base B --adapter A --merged M` proves a merge took (each has --help)",
     )
     parser.add_argument(
         "--base", required=True, help="local path or HF repo id (org/name[@revision]) of the full-precision base model"
@@ -207,6 +210,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
         return _verify_main(argv[1:], out, err)
+    if argv[:1] == ["inspect"]:
+        return _inspect_main(argv[1:], out, err)
     args = build_parser().parse_args(argv)
     _configure_logging(args.debug, err)
     log = StageLog(out, err, args.loader)
@@ -279,6 +284,65 @@ def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
         log.line(f"adapter : {args.adapter}")
         log.line(f"merged  : {args.merged}")
     return _verify_and_report(args, args.merged, log, err, json_out=out if args.json else None)
+
+
+def _inspect_main(argv: list[str], out: TextIO, err: TextIO) -> int:
+    """`qlora-merge inspect`: describe an adapter; with --base, exit 2 unless it fits that base."""
+    parser = argparse.ArgumentParser(
+        prog="qlora-merge inspect",
+        description="Describe a LoRA adapter from its config and file header (no weights are loaded): rank, alpha, "
+        "scaling, variants, targeted modules and layers, parameters, the base it was trained on. With --base, plan "
+        "the merge without writing anything and say whether every adapter tensor fits a base tensor.",
+    )
+    parser.add_argument("adapter", help="local path or HF repo id (org/name[@revision]) of the LoRA adapter")
+    parser.add_argument("--base", default=None, help="local path or HF repo id of a base model to check it against")
+    parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
+    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    args = parser.parse_args(argv)
+    _configure_logging(args.debug, err)
+    code, report = _guarded(
+        lambda: inspect_adapter(args.adapter, args.base, loader=args.loader, hf_token=args.hf_token), args.debug, err
+    )
+    if report is None:
+        return code
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2), file=out)
+    else:
+        for line in _describe(report):
+            print(line, file=out)
+    if report.base_matches is False:
+        print(f"qlora-merge: error: {args.adapter} does not fit {args.base}: {report.mismatches[0]}", file=err)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _describe(report: AdapterReport) -> list[str]:
+    layers = f", layers {report.layers[0]}-{report.layers[1]}" if report.layers else ""
+    lines = [
+        f"adapter    : {report.adapter}",
+        f"trained on : {report.base_model_name_or_path or 'unknown (no base_model_name_or_path)'}",
+        f"rank       : r={report.r}, alpha={report.lora_alpha:g}, scaling={report.scaling:g}",
+        f"variants   : {', '.join(report.variants) or 'none (plain LoRA)'}",
+        f"modules    : {report.lora_modules} LoRA modules ({', '.join(report.module_kinds) or '-'}){layers}",
+        f"parameters : {report.parameters:,}",
+    ]
+    scalings: dict[float, int] = {}
+    for value in report.module_scaling.values():
+        scalings[value] = scalings.get(value, 0) + 1
+    lines += [
+        f"             scaling={value:g} on {count} module(s) (rank/alpha pattern)" for value, count in scalings.items()
+    ]
+    if report.modules_to_save:
+        lines.append(f"replaces   : {', '.join(report.modules_to_save)} (modules_to_save)")
+    for module, count in report.trainable_tokens.items():
+        lines.append(f"tokens     : {count} trained token rows of {module or 'the input embedding'}")
+    if report.base is not None:
+        verdict = "matches: every adapter tensor fits a base tensor" if report.base_matches else "does NOT match"
+        lines.append(f"base       : {report.base}: {verdict}")
+        lines += [f"  - {mismatch}" for mismatch in report.mismatches]
+    return lines
 
 
 def _verify_and_report(

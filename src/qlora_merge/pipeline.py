@@ -189,6 +189,31 @@ def verify(
         return check_against_plan(inputs.plan, merged_index, reader)
 
 
+def plan_merge(
+    base: str | Path,
+    adapter: str | Path,
+    *,
+    dtype: str = "bf16",
+    loader: str = "auto",
+    hf_token: str | None = None,
+    allow_unused: bool = False,
+) -> Inputs:
+    """The inputs resolved and the merge planned, as a dry run plans it; nothing is written (`inspect --base`)."""
+    return _prepare(
+        str(base),
+        str(adapter),
+        None,
+        dtype,
+        loader,
+        hf_token,
+        parse_size("5GB"),
+        False,
+        allow_unused,
+        ignore_progress,
+        {},
+    )
+
+
 def _checkpoint_dtype(index: CheckpointIndex) -> str:
     """The output dtype a merged checkpoint was written in: that of most of its floating-point tensors."""
     names = {name: key for key, name in OUTPUT_DTYPES.items()}

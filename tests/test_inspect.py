@@ -1,0 +1,113 @@
+"""inspect: an adapter described from its config and headers, and checked against a base before any merge."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from factories import make_adapter, make_base
+from tiny_checkpoints import llama_checkpoint
+
+from qlora_merge import inspect_adapter
+from qlora_merge.checkpoint.reader import TensorReader
+from qlora_merge.cli import main
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["inspect", *argv], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any read of tensor data fails the test: inspect reads headers only."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect read tensor data")
+
+    monkeypatch.setattr(TensorReader, "read", refuse)
+    monkeypatch.setattr(TensorReader, "read_bytes_into", refuse)
+
+
+def test_plain_adapter_is_described_from_headers(tmp_path: Path, no_tensor_reads: None) -> None:
+    _, adapter = llama_checkpoint(tmp_path, layers=3, rank=4, hidden=32, intermediate=48)
+    report = inspect_adapter(adapter)
+    assert (report.r, report.lora_alpha, report.scaling) == (4, 8, 2.0)
+    assert report.variants == () and report.module_scaling == {}
+    assert sorted(report.module_kinds) == sorted(PROJECTIONS)
+    assert report.layers == (0, 2) and report.lora_modules == 21
+    # per layer: A is (4, in), B is (out, 4) for each projection
+    shapes = [(32, 32), (8, 32), (8, 32), (32, 32), (48, 32), (48, 32), (32, 48)]
+    assert report.parameters == 3 * sum(4 * (out + inp) for out, inp in shapes)
+    assert report.base is None and report.base_matches is None
+
+
+def test_a_matching_base_is_planned_without_writing(tmp_path: Path, no_tensor_reads: None) -> None:
+    base, adapter = llama_checkpoint(tmp_path, layers=2)
+    report = inspect_adapter(adapter, base)
+    assert report.base_matches is True and report.mismatches == ()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"], "nothing written"
+
+
+def test_a_base_of_the_wrong_width_is_a_shape_mismatch(tmp_path: Path) -> None:
+    _, adapter = llama_checkpoint(tmp_path / "small", hidden=32)
+    other, _ = llama_checkpoint(tmp_path / "wide", hidden=64)
+    report = inspect_adapter(adapter, other)
+    assert report.base_matches is False
+    assert len(report.mismatches) == 1 and "is (64, " in report.mismatches[0]
+
+
+def test_modules_the_base_lacks_are_each_listed(tmp_path: Path) -> None:
+    _, adapter = llama_checkpoint(tmp_path / "deep", layers=3)
+    shallow, _ = llama_checkpoint(tmp_path / "shallow", layers=2)
+    report = inspect_adapter(adapter, shallow)
+    assert report.base_matches is False
+    assert len(report.mismatches) == 14, "layer 2's seven modules, A and B each"
+    assert all("layers.2." in line and "matches no tensor" in line for line in report.mismatches)
+
+
+def test_variants_and_per_module_scaling_of_a_real_peft_adapter(tmp_path: Path) -> None:
+    base = make_base("llama", tmp_path / "base")
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        "llama",
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        use_dora=True,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"v_proj": 4},
+        modules_to_save=["lm_head"],
+    )
+    report = inspect_adapter(adapter, base)
+    assert report.base_model_name_or_path == str(base)
+    assert report.scaling == pytest.approx(16 / 8**0.5)
+    assert set(report.variants) >= {"rsLoRA", "DoRA", "rank_pattern", "alpha_pattern", "modules_to_save"}
+    assert report.module_scaling == {f"model.layers.{i}.self_attn.v_proj": pytest.approx(4 / 2**0.5) for i in (0, 1)}
+    assert report.modules_to_save == ("lm_head.weight",)
+    assert report.base_matches is True
+
+
+def test_cli_prints_the_report_and_exits_2_on_a_base_that_does_not_fit(tmp_path: Path) -> None:
+    base, adapter = llama_checkpoint(tmp_path / "a", layers=2)
+    wide, _ = llama_checkpoint(tmp_path / "b", hidden=64)
+    code, out, err = run(str(adapter), "--base", str(base))
+    assert code == 0, err
+    assert "r=4, alpha=8, scaling=2" in out and "layers 0-1" in out and "14 LoRA modules" in out
+    assert "matches: every adapter tensor fits" in out
+
+    code, out, err = run(str(adapter), "--base", str(wide))
+    assert code == 2 and "does NOT match" in out
+    assert err.startswith("qlora-merge: error: ") and err.count("\n") == 1
+
+    code, out, err = run(str(adapter), "--json")
+    assert code == 0 and json.loads(out)["lora_modules"] == 14
+
+    code, out, err = run(str(tmp_path / "missing"))
+    assert code == 2 and "not found" in err
