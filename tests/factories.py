@@ -30,8 +30,25 @@ def tiny_config(arch: str) -> Any:
         return transformers.GemmaConfig(**common, head_dim=16, tie_word_embeddings=True)
     if arch == "phi3":
         return transformers.Phi3Config(**common, tie_word_embeddings=False, pad_token_id=0)
+    # MoE: four experts, two per token; transformers v5 fuses them into 3-D parameters in memory
+    moe = dict(num_experts_per_tok=2, tie_word_embeddings=False)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, **moe, head_dim=16, moe_intermediate_size=48, num_experts=4)
+    if arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common, **moe, moe_intermediate_size=48, shared_expert_intermediate_size=96, num_experts=4
+        )
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, **moe, num_local_experts=4)
+    if arch == "gpt_oss":
+        return transformers.GptOssConfig(
+            **common, **moe, head_dim=16, num_local_experts=4, rope_parameters={"rope_type": "default"}
+        )
     raise ValueError(arch)
 
+
+# The fused 3-D expert parameters of transformers v5 MoE models, adapted with target_parameters.
+MOE_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],

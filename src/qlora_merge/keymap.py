@@ -134,3 +134,32 @@ def _choose(name: str, found: list[str], agreed: set[tuple[str, str]], loader: L
         f"{adapter_file}: module '{_module(name)}' matches several base tensors ({shown}); "
         "pick the layout with --loader"
     )
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How a checkpoint stores a fused 3-D expert parameter of transformers v5 as per-expert Linear weights.
+
+    transformers v5 holds each MoE layer's experts as `experts.gate_up_proj` (E, 2I, H) and `experts.down_proj`
+    (E, H, I), but save_pretrained writes most architectures back in the per-expert v4 layout
+    (`experts.{e}.gate_proj.weight`, ...): `projections` are the Linear modules the parameter's rows are split into,
+    in order (transformers' conversion mapping concatenates them on dim 1), `rename` the module path rewrite.
+    """
+
+    parameter: str
+    projections: tuple[str, ...]
+    rename: tuple[str, str] = ("", "")
+
+    def names(self, owner: str, experts: int) -> list[list[str]]:
+        """Per expert, the weight names of its projections, for the experts module `owner` as the adapter names it."""
+        module = owner.replace(*self.rename) if self.rename[0] else owner
+        return [[f"{module}.{e}.{projection}.weight" for projection in self.projections] for e in range(experts)]
+
+
+# qwen2_moe and the many architectures transformers maps onto it (qwen3_moe, olmoe, deepseek_v3, ...), then Mixtral.
+EXPERT_LAYOUTS = (
+    ExpertLayout("gate_up_proj", ("gate_proj", "up_proj")),
+    ExpertLayout("down_proj", ("down_proj",)),
+    ExpertLayout("gate_up_proj", ("w1", "w3"), (".mlp.", ".block_sparse_moe.")),
+    ExpertLayout("down_proj", ("w2",), (".mlp.", ".block_sparse_moe.")),
+)

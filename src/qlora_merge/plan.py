@@ -28,8 +28,16 @@ from .checkpoint.format import DTYPES, FLOAT_DTYPES, TensorEntry
 from .checkpoint.index import CheckpointIndex
 from .checkpoint.writer import OutputTensor, ShardLayout, plan_shards
 from .errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
-from .keymap import Loader, match_tensors
-from .variants import Layout, is_transposed, lora_scaling, merged_whole, module_rank_alpha, rounds_delta
+from .keymap import EXPERT_LAYOUTS, Loader, match_tensors
+from .variants import (
+    MOE_TRANSPOSED_MODEL_TYPES,
+    Layout,
+    is_transposed,
+    lora_scaling,
+    merged_whole,
+    module_rank_alpha,
+    rounds_delta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,23 @@ class TokenUpdate:
     delta: AdapterTensor
 
 
-Update = LoraUpdate | BiasUpdate | TokenUpdate
+@dataclass(frozen=True)
+class ExpertUpdate:
+    """LoRA on a fused 3-D expert parameter (target_parameters): A (E*r, in) and B (out, E*r) update W (E, d1, d2).
+
+    `expert` None: the output tensor is the fused parameter itself, merged one expert at a time. Otherwise it is
+    one expert's Linear weight of a per-expert checkpoint: rows `rows` of that expert's (d1, d2) delta.
+    """
+
+    pair: LoraPair
+    scaling: float
+    experts: int
+    transposed: bool  # W is (experts, in, out): the layer's `is_transposed`
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+
+
+Update = LoraUpdate | BiasUpdate | TokenUpdate | ExpertUpdate
 # Output tensor name -> its update and the adapter keys that make it.
 Updates = dict[str, tuple[Update, tuple[str, ...]]]
 
@@ -143,6 +167,9 @@ def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
             action += f", {task.update.layout.value}" + (" DoRA" if task.update.dora else "")
         elif isinstance(task.update, TokenUpdate):
             action += f", {len(task.update.indices)} token rows replaced"
+        elif isinstance(task.update, ExpertUpdate):
+            which = task.update.expert
+            action += f", all {task.update.experts} experts" if which is None else f", expert {which}"
         for key in task.adapter_keys:
             rows[key] = CoverageRow(
                 key, describe_key(key), weights.shapes[key], task.output.name, task.output.shape, action
@@ -184,7 +211,10 @@ def build_plan(
     adapter_file = str(weights.path)
     embeddings = find_embeddings(base, base_config)
 
-    lora_names = {f"{module}.weight": pair for module, pair in weights.pairs.items()}
+    expert_updates, expert_modules, unmatched_experts = _expert_updates(
+        weights, config, base, base_config, loader, allow_unused
+    )
+    lora_names = {f"{module}.weight": pair for module, pair in weights.pairs.items() if module not in expert_modules}
     names = list(dict.fromkeys([*lora_names, *weights.replacements, *weights.token_deltas]))
     matched = match_tensors(names, base.tensors, loader, adapter_file, optional=names)
 
@@ -207,6 +237,14 @@ def build_plan(
         for output, (update, update_keys) in lora.items():
             updates[output] = update
             keys.setdefault(output, []).extend(update_keys)
+    for target, (update, update_keys) in expert_updates.items():
+        if target in updates or target in replacements:
+            raise UnsupportedAdapter(
+                f"{adapter_file}: '{update_keys[0]}' updates expert weight '{target}', which other adapter tensors "
+                "also update or replace"
+            )
+        updates[target] = update
+        keys.setdefault(target, []).extend(update_keys)
     for name, tokens in weights.token_deltas.items():
         target = matched[name]
         if target is None:
@@ -262,7 +300,7 @@ def build_plan(
         )
     if head_task is not None:
         tasks.append(head_task)
-    unused = []
+    unused = list(unmatched_experts)
     for name in unmatched:
         if name == head and embeddings.tied and embeddings.input is not None:
             continue
@@ -617,3 +655,148 @@ def _module_of(key: str) -> str:
         if marker in name:
             return name.split(marker)[0]
     return name.rpartition(".")[0] or name
+
+
+def _strip_base_layers(module: str) -> str:
+    """PEFT nests one ParamWrapper per adapted parameter of a module: `experts.base_layer.base_layer` -> `experts`."""
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return module
+
+
+def _targeted_parameters(owner: str, target_parameters: tuple[str, ...]) -> list[str]:
+    """The parameter names of module `owner` that target_parameters names (`mlp.experts.down_proj` matches
+    `model.layers.0.mlp.experts`, as PEFT matches the key or its tail)."""
+    found = []
+    for target in target_parameters:
+        module, _, parameter = target.rpartition(".")
+        if module and (owner == module or owner.endswith(f".{module}")) and parameter not in found:
+            found.append(parameter)
+    return found
+
+
+@dataclass(frozen=True)
+class _ExpertTarget:
+    """Where a fused expert parameter lives in the base: one 3-D tensor, or per expert one tensor per projection."""
+
+    parameter: str
+    experts: int
+    d1: int  # rows of one expert's weight as the fused parameter holds it (the projections' rows summed)
+    d2: int
+    fused: str | None = None
+    split: tuple[tuple[str, ...], ...] = ()  # per expert, the base tensor names of its projections
+
+
+def _expert_targets(
+    owner: str, parameter: str, experts: int, base: CheckpointIndex, loader: Loader, adapter_file: str
+) -> _ExpertTarget | None:
+    """The base tensors of `owner.parameter` with `experts` experts: the fused tensor, else a known per-expert
+    layout with exactly that many experts."""
+    fused_name = f"{owner}.{parameter}"
+    found = match_tensors([fused_name], base.tensors, loader, adapter_file, optional=[fused_name])[fused_name]
+    if found is not None:
+        shape = base.tensors[found].shape
+        if len(shape) != 3:
+            raise ShapeMismatch(f"{adapter_file}: '{owner}' targets parameter '{found}', which is {shape}, not 3-D")
+        return _ExpertTarget(parameter, shape[0], shape[1], shape[2], fused=found)
+    for layout in EXPERT_LAYOUTS:
+        if layout.parameter != parameter:
+            continue
+        per_expert = layout.names(owner, experts + 1)
+        flat = [name for names in per_expert for name in names]
+        matched = match_tensors(flat, base.tensors, loader, adapter_file, optional=flat)
+        targets = [tuple(matched[name] for name in names) for names in per_expert]
+        if any(target is None for target in targets[experts]) and all(
+            target is not None for names in targets[:experts] for target in names
+        ):
+            split = tuple(tuple(str(target) for target in names) for names in targets[:experts])
+            shapes = [base.tensors[name].shape for name in split[0]]
+            if any(len(shape) != 2 or shape[1] != shapes[0][1] for shape in shapes):
+                raise ShapeMismatch(f"{adapter_file}: expert weights {', '.join(split[0])} do not stack")
+            return _ExpertTarget(parameter, experts, sum(shape[0] for shape in shapes), shapes[0][1], split=split)
+    return None
+
+
+def _expert_updates(
+    weights: AdapterWeights,
+    config: LoraConfig,
+    base: CheckpointIndex,
+    base_config: dict[str, Any],
+    loader: Loader,
+    allow_unused: bool,
+) -> tuple[Updates, set[str], list[str]]:
+    """LoRA on target_parameters (PEFT's ParamWrapper, MoE experts): the update of every base tensor they touch,
+    the adapter modules they are, and the keys of those that match nothing in the base.
+
+    The adapter file does not say which parameter a wrapper adapts (`experts.lora_A` and
+    `experts.base_layer.lora_A` only give the nesting), so each pair goes to the targeted parameter its shapes fit.
+    """
+    updates: Updates = {}
+    modules: set[str] = set()
+    unmatched: list[str] = []
+    if not config.target_parameters:
+        return updates, modules, unmatched
+    adapter_file = str(weights.path)
+    transposed = base_config.get("model_type") in MOE_TRANSPOSED_MODEL_TYPES
+    claimed: dict[tuple[str, str], str] = {}
+    for module, pair in weights.pairs.items():
+        owner = _strip_base_layers(module)
+        parameters = _targeted_parameters(owner, config.target_parameters)
+        if not parameters:
+            continue
+        modules.add(module)
+        key = f"{PEFT_PREFIX}{module}.lora_A.weight"
+        if pair.embedding or pair.bias is not None or pair.magnitude is not None:
+            raise UnsupportedAdapter(
+                f"{adapter_file}: '{key}' adapts a parameter with a variant PEFT cannot merge there"
+            )
+        in_features, out_features = int(pair.a.shape[1]), int(pair.b.shape[0])
+        fits: list[tuple[_ExpertTarget, float]] = []
+        seen: list[str] = []
+        for parameter in parameters:
+            r, alpha = module_rank_alpha(
+                f"{owner}.{parameter}", config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern
+            )
+            if pair.rank % r:
+                continue
+            target = _expert_targets(owner, parameter, pair.rank // r, base, loader, adapter_file)
+            if target is None:
+                continue
+            seen.append(target.fused or target.split[0][0])
+            flipped = transposed and target.fused is not None
+            rows, cols = (target.d2, target.d1) if flipped else (target.d1, target.d2)
+            if (out_features, in_features) == (rows, cols) and pair.rank == target.experts * r:
+                fits.append((target, lora_scaling(alpha, r, config.use_rslora)))
+        if not seen:
+            unmatched.extend(pair.keys)
+            continue
+        if len(fits) != 1:
+            reason = "fits none" if not fits else "fits several"
+            raise ShapeMismatch(
+                f"{adapter_file}: '{key}' ({tuple(pair.a.shape)}, lora_B {tuple(pair.b.shape)}) {reason} of the "
+                f"targeted expert parameters of '{owner}' ({', '.join(seen)})"
+            )
+        target, scaling = fits[0]
+        if (owner, target.parameter) in claimed:
+            raise KeyMatchError(
+                f"{adapter_file}: '{claimed[owner, target.parameter]}' and '{key}' both adapt "
+                f"'{owner}.{target.parameter}'"
+            )
+        claimed[owner, target.parameter] = key
+        for name in [target.fused] if target.fused else [n for names in target.split for n in names]:
+            if name is not None and base.tensors[name].dtype not in FLOAT_DTYPES:
+                raise UnsupportedAdapter(
+                    f"{base.tensors[name].file}: '{name}' is stored as {base.tensors[name].dtype}; merging into "
+                    "quantized weights is not supported (use the full-precision base)"
+                )
+        if target.fused:
+            updates[target.fused] = (ExpertUpdate(pair, scaling, target.experts, transposed), pair.keys)
+            continue
+        for expert, names in enumerate(target.split):
+            start = 0
+            for name in names:
+                stop = start + base.tensors[name].shape[0]
+                update = ExpertUpdate(pair, scaling, target.experts, False, expert, (start, stop))
+                updates[name] = (update, pair.keys)
+                start = stop
+    return updates, modules, unmatched

@@ -11,13 +11,16 @@ from .checkpoint.format import DTYPES, TensorEntry
 from .checkpoint.reader import ByteRange, ReadAhead, TensorReader
 from .checkpoint.writer import CheckpointWriter
 from .checks import ValueCheck
-from .plan import Action, BiasUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
+from .plan import Action, BiasUpdate, ExpertUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
 from .variants import (
     MIN_BLOCK_ROWS,
     BlockingCheck,
+    ExpertCheck,
     bias_delta,
     dora_rows_into,
     dora_whole,
+    expert_delta,
+    expert_deltas_whole,
     factor_dtype,
     held_weight,
     linear_delta_rows,
@@ -51,6 +54,40 @@ class Workspace:
         return buffer[:nbytes]
 
 
+class ExpertDeltas:
+    """One expert's delta at a time, for MoE LoRA (target_parameters): the factors of the last adapted parameter
+    and the last expert's delta are kept, since a per-expert checkpoint splits one expert's delta over several
+    consecutive tensors (gate_proj, up_proj) and every expert of a layer shares the factors."""
+
+    def __init__(self, reader: TensorReader) -> None:
+        self._reader = reader
+        self._check = ExpertCheck()
+        self._factors: tuple[tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._delta: tuple[tuple[str, ...], int, torch.Tensor] | None = None
+
+    def delta(self, update: ExpertUpdate, expert: int) -> torch.Tensor:
+        """Expert `expert`'s (d1, d2) delta, unrounded; valid until the next call, not to be written to."""
+        keys = update.pair.keys
+        if self._delta is not None and self._delta[:2] == (keys, expert):
+            return self._delta[2]
+        if self._factors is None or self._factors[0] != keys:
+            self._factors = None  # the old factors go before the new ones come
+            a = load_factor(update.pair.a, self._reader)
+            b = load_factor(update.pair.b, self._reader)
+            compute = factor_dtype(a.dtype, b.dtype)
+            a, b = a.to(compute), b.to(compute)
+            exact = self._check.per_expert(tuple(a.shape), tuple(b.shape), update.experts, compute)
+            whole = None if exact else expert_deltas_whole(a, b, update.experts, update.scaling, update.transposed)
+            self._factors = (keys, a, b, whole)
+        _, a, b, whole = self._factors
+        if whole is not None:
+            delta = whole[expert]
+        else:
+            delta = expert_delta(a, b, update.experts, expert, update.scaling, update.transposed)
+        self._delta = (keys, expert, delta)
+        return delta
+
+
 def run_plan(
     plan: MergePlan,
     reader: TensorReader,
@@ -71,6 +108,7 @@ def run_plan(
         blocking = BlockingCheck()
         steps = {t.output.name: step for t in plan.tasks if (step := _rows_per_block(t, blocking)) is not None}
         workspace = Workspace()
+        deltas = ExpertDeltas(reader)
         with ReadAhead(list(_input_ranges(plan, steps))) as ahead:
             for task in plan.tasks:
                 writer.begin(task.output.name)
@@ -83,6 +121,8 @@ def run_plan(
                     _convert(task.source, task.output.dtype, ahead, writer, workspace, check)
                 elif task.action is Action.REPLACE:
                     _replace(task, ahead, writer, workspace, check)
+                elif isinstance(task.update, ExpertUpdate):
+                    _merge_experts(task, task.update, deltas, reader, writer, workspace, check)
                 else:
                     _merge(task, steps.get(task.output.name), reader, ahead, writer, workspace, check)
                 writer.end()
@@ -237,6 +277,43 @@ def _merge(
         else:
             rounding = workspace.take("rounding", n * cols * held.itemsize).view(held) if round_to else None
             unrounded = merge_rows_into(weight, delta, upcast, merged, round_delta_to=round_to, rounding=rounding)
+        check.block(merged, unrounded)
+        writer.write(memoryview(raw.numpy()))
+
+
+def _merge_experts(
+    task: TensorTask,
+    update: ExpertUpdate,
+    deltas: ExpertDeltas,
+    reader: TensorReader,
+    writer: CheckpointWriter,
+    workspace: Workspace,
+    check: ValueCheck,
+) -> None:
+    """MoE LoRA, one expert's 2-D weight at a time: the fused (E, d1, d2) tensor expert by expert, or one per-expert
+    tensor (rows of its expert's delta). PEFT rounds the delta to the weight's dtype, then adds."""
+    source = task.source
+    assert source is not None and task.replacement is None
+    held = DTYPES[task.held_dtype][0]
+    out_dtype, out_size = DTYPES[task.output.dtype]
+    in_dtype, in_size = DTYPES[source.dtype]
+    rows, cols = task.output.shape[-2:]
+    for expert in range(update.experts) if update.expert is None else (update.expert,):
+        delta = deltas.delta(update, expert)
+        if update.rows is not None:
+            delta = delta[update.rows[0] : update.rows[1]]
+            weight = reader.read(source).view(rows, cols)
+        else:
+            raw_in = workspace.take("input", rows * cols * in_size)
+            reader.read_bytes_into(source.file, source.start + expert * rows * cols * in_size, raw_in)
+            weight = raw_in.view(in_dtype).view(rows, cols)
+        work = workspace.take("scratch", rows * cols * delta.element_size()).view(delta.dtype).view(rows, cols)
+        work.copy_(delta)  # merge_rows_into overwrites its delta; the cached one is reused
+        upcast = workspace.take("upcast", rows * cols * 4).view(torch.float32)
+        raw = workspace.take("output", rows * cols * out_size)
+        merged = raw.view(out_dtype).view(rows, cols)
+        rounding = workspace.take("rounding", rows * cols * held.itemsize).view(held)
+        unrounded = merge_rows_into(weight, work, upcast, merged, round_delta_to=held, rounding=rounding)
         check.block(merged, unrounded)
         writer.write(memoryview(raw.numpy()))
 

@@ -16,6 +16,11 @@ The layer kinds differ only in small ways, each copied from PEFT 0.21 (`tuners/l
   blocks) and per column of the stored weight for Conv1D and Embedding (so those are merged whole).
 - lora_bias: bias += s * lora_B.bias.
 - trainable tokens: W[indices] = delta.to(W.dtype), rows replaced rather than added to (index_copy).
+- MoE experts (target_parameters, PEFT's ParamWrapper), W (E, d1, d2): A (E*r, in) is expert-major, B (out, E*r)
+  rank-major; W[e] += round(s * B3[:, :, e] @ A3[e]) with A3 = A.reshape(E, r, in), B3 = B.reshape(out, r, E),
+  transposed where the layer stores (experts, in, out) (gpt-oss). PEFT computes all experts in one einsum and
+  rounds the delta to the weight's dtype before adding it; one expert's product equals its slice of the einsum
+  (checked per shape, see ExpertCheck).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ MIN_BLOCK_ROWS = 16
 
 # Architectures whose projection layers are transformers' Conv1D, which stores weights as (in, out).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+
+# Architectures whose fused expert weights are (experts, in, out): their experts module sets `is_transposed`.
+MOE_TRANSPOSED_MODEL_TYPES = frozenset({"gpt_oss"})
 
 
 class Layout(enum.Enum):
@@ -312,3 +321,53 @@ def blocks_match_whole(
             if not torch.equal(norm, whole_norm[start:stop]):
                 return False
     return True
+
+
+def expert_delta(
+    a: torch.Tensor, b: torch.Tensor, experts: int, expert: int, scaling: float, transposed: bool
+) -> torch.Tensor:
+    """Expert `expert`'s (d1, d2) slice of PEFT's ParamWrapper delta, unrounded: s * B3[:, :, e] @ A3[e], or its
+    transpose where the weight is (experts, in, out). PEFT: `einsum("o r e, e r i -> e o i", B3, A3) * scaling`
+    (`"e i o"` when transposed)."""
+    rank = a.shape[0] // experts
+    a_e = a.reshape(experts, rank, a.shape[1])[expert]
+    b_e = b.reshape(b.shape[0], rank, experts)[:, :, expert]
+    product = (b_e @ a_e) * scaling
+    return product.T if transposed else product
+
+
+def expert_deltas_whole(
+    a: torch.Tensor, b: torch.Tensor, experts: int, scaling: float, transposed: bool
+) -> torch.Tensor:
+    """PEFT's ParamWrapper delta for every expert at once, with its own einsum (E, d1, d2), unrounded."""
+    a3 = a.reshape(experts, -1, a.shape[-1])
+    b3 = b.reshape(b.shape[0], -1, experts)
+    return torch.einsum("o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i", b3, a3) * scaling
+
+
+class ExpertCheck:
+    """Whether one expert's product equals its slice of PEFT's batched einsum bit for bit, per factor shape.
+
+    Like BlockingCheck: the kernel depends on shapes, not values, so random factors of the real per-expert shape
+    (two experts, not all of them, to keep the check small) settle it. A shape that fails is merged from the
+    whole einsum, which costs memory but never exactness.
+    """
+
+    def __init__(self) -> None:
+        self._verdicts: dict[tuple[object, ...], bool] = {}
+
+    def per_expert(self, a: tuple[int, ...], b: tuple[int, ...], experts: int, dtype: torch.dtype) -> bool:
+        rank = a[0] // experts
+        proxy = min(experts, 2)
+        key = (rank, a[1], b[0], proxy, dtype)
+        if key not in self._verdicts:
+            generator = torch.Generator().manual_seed(0)
+            fa = torch.randn(proxy * rank, a[1], generator=generator, dtype=dtype)
+            fb = torch.randn(b[0], proxy * rank, generator=generator, dtype=dtype)
+            whole = expert_deltas_whole(fa, fb, proxy, 1.0, False)
+            self._verdicts[key] = all(
+                torch.equal(expert_delta(fa, fb, proxy, e, 1.0, False), whole[e]) for e in range(proxy)
+            )
+            if not self._verdicts[key]:
+                log.info("per-expert LoRA products differ from PEFT's einsum for A%s B%s; merging whole", a, b)
+        return self._verdicts[key]

@@ -73,7 +73,6 @@ KNOWN_FIELDS = frozenset(
 # LoRA variants whose merge is not W + scale * B @ A (or DoRA): refused by name rather than merged wrongly.
 UNSUPPORTED_VARIANTS = {
     "layer_replication": "layer_replication",
-    "target_parameters": "LoRA on parameters (target_parameters, MoE experts)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
@@ -104,6 +103,8 @@ class LoraConfig:
     # trainable_token_indices as a mapping: module name (or "" for the input embedding) -> token rows
     trainable_token_indices: dict[str, tuple[int, ...]] = field(default_factory=dict)
     target_modules: tuple[str, ...] | str | None = None
+    # `<module>.<parameter>` names of parameters adapted directly (MoE experts' fused 3-D weights)
+    target_parameters: tuple[str, ...] = ()
     modules_to_save: tuple[str, ...] | None = None
 
 
@@ -160,6 +161,9 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         trainable_token_indices=_token_indices(path, raw.get("trainable_token_indices")),
         target_modules=_names(path, "target_modules", target_modules, regex_allowed=True),
         modules_to_save=_names(path, "modules_to_save", modules_to_save, regex_allowed=False),
+        target_parameters=tuple(
+            _names(path, "target_parameters", raw.get("target_parameters"), regex_allowed=False) or ()
+        ),
     )
 
 
