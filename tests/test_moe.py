@@ -4,6 +4,7 @@ Mixtral, fused 3-D tensors stored (experts, in, out) for gpt-oss), bit-identical
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,46 @@ def test_expert_factors_that_fit_no_parameter_are_refused(tmp_path: Path) -> Non
     ):
         merge(base, adapter, tmp_path / "ours")
     assert not (tmp_path / "ours").exists()
+
+
+def per_expert_adapter(base: Path, directory: Path, arch: str, r: int = 4) -> Path:
+    """An adapter as PEFT saved it for transformers v4, which had one Linear per expert and projection: random
+    factors on every expert's gate/up/down (Mixtral: w1/w3/w2). transformers v5 cannot build those layers any
+    more, so the file is written here, in PEFT's key layout; PEFT rewrites it into the fused layout on load."""
+    projections, module = (
+        (("w1", "w2", "w3"), "block_sparse_moe")
+        if arch == "mixtral"
+        else (("gate_proj", "up_proj", "down_proj"), "mlp")
+    )
+    generator = torch.Generator().manual_seed(3)
+    tensors = {}
+    for name, weight in read_tensors(base).items():
+        parts = name.split(".")
+        if len(parts) > 6 and parts[3:5] == [module, "experts"] and parts[6] in projections:
+            key = f"base_model.model.{name.removesuffix('.weight')}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, weight.shape[1], generator=generator) * 0.1
+            tensors[f"{key}.lora_B.weight"] = torch.randn(weight.shape[0], r, generator=generator) * 0.1
+    assert len(tensors) == 2 * 2 * 4 * 3
+    directory.mkdir()
+    save_file(tensors, directory / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 8, "lora_dropout": 0.0}
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "target_modules": list(projections)}))
+    return directory
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_per_expert_lora_from_transformers_v4_is_bit_identical_to_peft(arch: str, tmp_path: Path) -> None:
+    """PEFT merges such an adapter as LoRA on the fused parameters, rounding the delta before adding it: so do we."""
+    base = make_base(arch, tmp_path / "base")
+    adapter = per_expert_adapter(base, tmp_path / "adapter", arch)
+    merge(base, adapter, tmp_path / "ours")
+    assert_same_tensors(read_tensors(tmp_path / "ours"), peft_merge(base, adapter, tmp_path / "peft", torch.bfloat16))
+
+
+def test_per_expert_lora_from_transformers_v4_reproduces_adapter_logits(tmp_path: Path) -> None:
+    base = make_base("mixtral", tmp_path / "base", dtype=torch.float32)
+    adapter = per_expert_adapter(base, tmp_path / "adapter", "mixtral")
+    merge(base, adapter, tmp_path / "ours", dtype="f32")
+    expected = logits(base, adapter)
+    assert not torch.allclose(expected, logits(base), atol=1e-3), "the adapter must change the logits"
+    torch.testing.assert_close(logits(tmp_path / "ours"), expected, rtol=1e-5, atol=1e-5)

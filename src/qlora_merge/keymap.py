@@ -156,6 +156,10 @@ class ExpertLayout:
         return [[f"{module}.{e}.{projection}.weight" for projection in self.projections] for e in range(experts)]
 
 
+# Architectures transformers v5 loads with fused experts from a per-expert checkpoint, tested against PEFT: PEFT
+# rewrites an adapter trained on their per-expert Linear layers (transformers v4) into LoRA on the fused parameters.
+MOE_FUSED_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
+
 # qwen2_moe and the many architectures transformers maps onto it (qwen3_moe, olmoe, deepseek_v3, ...), then Mixtral.
 EXPERT_LAYOUTS = (
     ExpertLayout("gate_up_proj", ("gate_proj", "up_proj")),
@@ -163,3 +167,18 @@ EXPERT_LAYOUTS = (
     ExpertLayout("gate_up_proj", ("w1", "w3"), (".mlp.", ".block_sparse_moe.")),
     ExpertLayout("down_proj", ("w2",), (".mlp.", ".block_sparse_moe.")),
 )
+
+
+def is_expert_linear(name: str, model_type: str | None) -> bool:
+    """Whether base tensor `name` is one expert's Linear weight of a checkpoint that transformers v5 fuses."""
+    if model_type not in MOE_FUSED_MODEL_TYPES:
+        return False
+    module, _, leaf = name.rpartition(".")
+    parts = module.split(".")
+    return (
+        leaf == "weight"
+        and len(parts) >= 3
+        and parts[-3] == "experts"
+        and parts[-2].isdigit()
+        and any(parts[-1] in layout.projections for layout in EXPERT_LAYOUTS)
+    )

@@ -28,7 +28,7 @@ from .checkpoint.format import DTYPES, FLOAT_DTYPES, TensorEntry
 from .checkpoint.index import CheckpointIndex
 from .checkpoint.writer import OutputTensor, ShardLayout, plan_shards
 from .errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
-from .keymap import EXPERT_LAYOUTS, Loader, match_tensors
+from .keymap import EXPERT_LAYOUTS, Loader, is_expert_linear, match_tensors
 from .variants import (
     MOE_TRANSPOSED_MODEL_TYPES,
     Layout,
@@ -640,7 +640,7 @@ def _lora_update(
         pair=pair,
         scaling=scaling,
         layout=layout,
-        round_delta=rounds_delta(layout, config.mica),
+        round_delta=rounds_delta(layout, config.mica, is_expert_linear(weight.name, base_config.get("model_type"))),
     )
 
 

@@ -119,10 +119,12 @@ def factor_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return torch.promote_types(adapter_dtype(a), adapter_dtype(b))
 
 
-def rounds_delta(layout: Layout, mica: bool) -> bool:
+def rounds_delta(layout: Layout, mica: bool, expert: bool = False) -> bool:
     """Whether PEFT rounds the delta to the weight's dtype before adding it (`W += delta.to(W.dtype)`): on
-    embeddings, and on every layer with MiCA (init_lora_weights="mica")."""
-    return layout is Layout.EMBEDDING or mica
+    embeddings, on every layer with MiCA (init_lora_weights="mica"), and on MoE experts, which PEFT merges as fused
+    parameters (ParamWrapper) even when the adapter was trained on per-expert Linear layers: it rewrites such an
+    adapter's factors into the fused layout (A stacked, B block-diagonal) when it loads it."""
+    return layout is Layout.EMBEDDING or mica or expert
 
 
 def merged_whole(layout: Layout, dora: bool) -> bool:
