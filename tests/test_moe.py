@@ -156,3 +156,19 @@ def test_per_expert_lora_from_transformers_v4_reproduces_adapter_logits(tmp_path
     expected = logits(base, adapter)
     assert not torch.allclose(expected, logits(base), atol=1e-3), "the adapter must change the logits"
     torch.testing.assert_close(logits(tmp_path / "ours"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_target_parameters_on_a_2d_weight_are_refused(tmp_path: Path) -> None:
+    """PEFT merges a 2-D target parameter with its delta rounded first; not merged yet, so refused by name."""
+    base = make_base("qwen3_moe", tmp_path / "base")
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        "qwen3_moe",
+        target_modules=["k_proj"],
+        target_parameters=["self_attn.q_proj.weight"],
+    )
+    with pytest.raises(
+        MergeError, match=r"adapter_model.safetensors: .*'model.layers.0.self_attn.q_proj.weight'.*not 3-D"
+    ):
+        merge(base, adapter, tmp_path / "ours")
