@@ -1,5 +1,6 @@
 """qlora-merge: fold LoRA adapters into their base model by streaming safetensors, exactly as PEFT merges."""
 
+from .axolotl import AxolotlMerge, merge_from_axolotl, read_axolotl_config
 from .errors import (
     AdapterFormatError,
     CheckpointFormatError,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterFormatError",
     "AdapterReport",
+    "AxolotlMerge",
     "CheckpointFormatError",
     "InputNotFound",
     "KeyMatchError",
@@ -35,5 +37,7 @@ __all__ = [
     "__version__",
     "inspect_adapter",
     "merge",
+    "merge_from_axolotl",
+    "read_axolotl_config",
     "verify",
 ]

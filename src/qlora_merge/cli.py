@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TextIO, TypeVar
 
 from . import __version__
+from .axolotl import read_axolotl_config
 from .errors import MergeError
 from .inspection import AdapterReport, inspect_adapter
 from .pipeline import MergeResult, merge, verify
@@ -44,13 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
         "base; `qlora-merge verify --base B --adapter A --merged M` proves a merge took (each has --help)",
     )
     parser.add_argument(
-        "--base", required=True, help="local path or HF repo id (org/name[@revision]) of the full-precision base model"
+        "--config",
+        default=None,
+        help="an axolotl training config (YAML): base_model, lora_model_dir or output_dir, bf16/fp16/torch_dtype; "
+        "writes {output_dir}/merged/ as `axolotl merge-lora` does. Flags given here override the file",
     )
     parser.add_argument(
-        "--adapter", required=True, help="local path or HF repo id (org/name[@revision]) of the trained LoRA adapter"
+        "--base",
+        default=None,
+        help="local path or HF repo id (org/name[@revision]) of the full-precision base model "
+        "(required unless --config)",
     )
-    parser.add_argument("--output", required=True, help="output directory for the merged model")
-    parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES), help="output dtype (default: bf16)")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="local path or HF repo id (org/name[@revision]) of the trained LoRA adapter (required unless --config)",
+    )
+    parser.add_argument(
+        "--output", default=None, help="output directory for the merged model (required unless --config)"
+    )
+    parser.add_argument(
+        "--output_dir",
+        "--output-dir",
+        dest="output_dir",
+        default=None,
+        help="with --config: overrides its output_dir (the adapter when lora_model_dir is unset; output in merged/)",
+    )
+    parser.add_argument(
+        "--dtype", default=None, choices=list(OUTPUT_DTYPES), help="output dtype (default: bf16, or from --config)"
+    )
     parser.add_argument(
         "--loader",
         default="auto",
@@ -212,8 +235,38 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return _verify_main(argv[1:], out, err)
     if argv[:1] == ["inspect"]:
         return _inspect_main(argv[1:], out, err)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _configure_logging(args.debug, err)
+    if args.config is not None:
+        code, settings = _guarded(
+            lambda: read_axolotl_config(
+                args.config,
+                base=args.base,
+                adapter=args.adapter,
+                output_dir=args.output_dir,
+                output=args.output,
+                dtype=args.dtype,
+            ),
+            args.debug,
+            err,
+        )
+        if settings is None:
+            return code
+        args.base, args.adapter, args.output, args.dtype = (
+            settings.base,
+            settings.adapter,
+            str(settings.output),
+            settings.dtype,
+        )
+        args.hf_token = args.hf_token or settings.hf_token
+    else:
+        missing = [f"--{name}" for name in ("base", "adapter", "output") if getattr(args, name) is None]
+        if missing:
+            parser.error(f"the following arguments are required: {', '.join(missing)} (or --config)")
+        if args.output_dir is not None:
+            parser.error("--output_dir needs --config (it overrides the axolotl config's output_dir)")
+        args.dtype = args.dtype or "bf16"
     log = StageLog(out, err, args.loader)
     if not args.json:
         log.line(f"base    : {args.base}")

@@ -61,11 +61,18 @@ def check_output_free(output: Path, overwrite: bool) -> None:
         raise OutputError(f"{output}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def check_not_inside(output: Path, inputs: Iterable[Path]) -> None:
-    """Refuse an output equal to or inside an input, or holding one: replacing it would delete what is read."""
+def check_not_inside(output: Path, inputs: Iterable[Path], may_hold: Iterable[Path] = ()) -> None:
+    """Refuse an output equal to or inside an input, or holding one: replacing it would delete what is read.
+
+    An input in `may_hold` (the adapter) may hold the output in a subdirectory, as axolotl lays it out
+    ({output_dir}/merged beside the adapter files): only its top-level files are read, and a merge never
+    replaces anything but the output directory itself.
+    """
     resolved = output.resolve()
-    for source in inputs:
-        if resolved == source.resolve() or resolved.is_relative_to(source.resolve()):
+    nested_ok = [source.resolve() for source in may_hold]
+    for source in [*inputs, *may_hold]:
+        inside = resolved.is_relative_to(source.resolve()) and source.resolve() not in nested_ok
+        if resolved == source.resolve() or inside:
             raise OutputError(f"{output}: output must not be inside an input ({source})")
         if source.resolve().is_relative_to(resolved):
             raise OutputError(f"{output}: output must not contain an input ({source}): replacing it would delete it")

@@ -267,7 +267,7 @@ def _prepare(
         base_dir = resolve_base(base, hf_token)
         adapter_dir = resolve_adapter(adapter, hf_token)
         if output is not None:
-            check_not_inside(output, [base_dir, adapter_dir])
+            check_not_inside(output, [base_dir], may_hold=[adapter_dir])
         base_config = _read_base_config(base_dir)
         resolved_loader = resolve_loader(loader, base_config)
         stage.detail = resolved_loader.architecture

@@ -1,0 +1,172 @@
+"""An axolotl training config (YAML) -> the merge it describes, as `axolotl merge-lora config.yml` would run it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputNotFound, MergeError
+from .pipeline import MergeResult, merge
+
+log = logging.getLogger(__name__)
+
+# axolotl writes the merged model here, inside its output_dir.
+MERGED_SUBDIR = "merged"
+DTYPE_NAMES = {
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "float16": "f16",
+    "fp16": "f16",
+    "half": "f16",
+    "f16": "f16",
+    "float32": "f32",
+    "fp32": "f32",
+    "float": "f32",
+    "f32": "f32",
+}
+
+
+@dataclass(frozen=True)
+class AxolotlMerge:
+    """The merge an axolotl config describes, command-line overrides applied; the arguments `merge()` takes."""
+
+    base: str
+    adapter: str
+    output: Path
+    dtype: str
+    hf_token: str | None = None
+
+
+def read_axolotl_config(
+    config: str | Path | Mapping[str, Any],
+    *,
+    base: str | None = None,
+    adapter: str | None = None,
+    output_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    dtype: str | None = None,
+) -> AxolotlMerge:
+    """Read the keys of an axolotl config (a YAML path or the parsed mapping) that a merge needs; every other key
+    (axolotl configs have hundreds: datasets, lora_r, learning_rate ...) is ignored. Each keyword, when given,
+    overrides the file as axolotl's `--key value` flags do.
+
+    - `base_model` (with `revision_of_model`, if set) is the base; `base_model_config`, if it names another
+      place, is reported: the base's own config.json is the one read.
+    - `lora_model_dir` is the adapter, else `output_dir` (where training saved it).
+    - The output is `{output_dir}/merged/`, as axolotl writes it.
+    - The dtype is `torch_dtype` if set, else bf16 for `bf16: true` or `bf16: auto` (the merge needs no GPU to
+      support it), f16 for `fp16`/`float16`/`load_in_8bit`, else f32, as axolotl loads the model for its merge.
+    - `hf_use_auth_token`: a string is the token; true/false change nothing (HF_TOKEN or the stored login is used).
+
+    Relative paths are relative to the working directory, as axolotl reads them. Raises MergeError naming the file
+    and the key when a required key is missing or has the wrong type.
+    """
+    source, values = _load(config)
+    base_ref = base or _base(source, values)
+    output_dir = output_dir if output_dir is not None else _path(source, values, "output_dir")
+    adapter_ref = adapter or _path(source, values, "lora_model_dir") or output_dir
+    if adapter_ref is None or (output is None and output_dir is None):
+        _path(source, values, "output_dir", required=True)  # raises: it was needed and is missing
+    output_path = Path(output) if output is not None else Path(str(output_dir)) / MERGED_SUBDIR
+    config_dir = values.get("base_model_config")
+    if config_dir is not None and str(config_dir) != base_ref.split("@")[0]:
+        log.warning(
+            "%s: base_model_config %r differs from base_model %r; the config.json of the base is the one read",
+            source,
+            config_dir,
+            base_ref,
+        )
+    token = values.get("hf_use_auth_token")
+    return AxolotlMerge(
+        base=base_ref,
+        adapter=str(adapter_ref),
+        output=output_path,
+        dtype=dtype or _dtype(source, values),
+        hf_token=token if isinstance(token, str) and token else None,
+    )
+
+
+def _load(config: str | Path | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    if isinstance(config, Mapping):
+        return "axolotl config", config
+    path = Path(config)
+    try:
+        text = path.read_text()
+    except FileNotFoundError as exc:
+        raise InputNotFound(f"{path}: axolotl config not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeError(f"{path}: cannot read the axolotl config ({exc})") from exc
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MergeError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(values, dict):
+        raise MergeError(f"{path}: expected a YAML mapping of axolotl settings, got {type(values).__name__}")
+    return str(path), values
+
+
+def _base(source: str, values: Mapping[str, Any]) -> str:
+    base = _path(source, values, "base_model", required=True)
+    revision = values.get("revision_of_model")
+    if revision is None or "@" in base:
+        return base
+    if not isinstance(revision, str) or not revision:
+        raise MergeError(f"{source}: 'revision_of_model' must be a branch, tag or commit, got {revision!r}")
+    return f"{base}@{revision}"
+
+
+def _path(source: str, values: Mapping[str, Any], key: str, required: bool = False) -> str | None:
+    value = values.get(key)
+    if value is None or value == "":
+        if required:
+            raise MergeError(f"{source}: '{key}' is missing (needed to merge; or pass it on the command line)")
+        return None
+    if not isinstance(value, str | Path):
+        raise MergeError(f"{source}: '{key}' must be a path or repo id, got {value!r}")
+    return str(value)
+
+
+def _dtype(source: str, values: Mapping[str, Any]) -> str:
+    torch_dtype = values.get("torch_dtype")
+    if torch_dtype is not None and torch_dtype != "auto":
+        name = DTYPE_NAMES.get(str(torch_dtype).removeprefix("torch."))
+        if name is None:
+            raise MergeError(f"{source}: 'torch_dtype' {torch_dtype!r} is not one of bfloat16, float16, float32")
+        return name
+    if values.get("bf16") in (True, "auto") or values.get("bfloat16") is True:
+        return "bf16"
+    if values.get("fp16") is True or values.get("float16") is True or values.get("load_in_8bit") is True:
+        return "f16"
+    return "f32"
+
+
+def merge_from_axolotl(
+    config: str | Path | Mapping[str, Any],
+    *,
+    base: str | None = None,
+    adapter: str | None = None,
+    output_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    dtype: str | None = None,
+    hf_token: str | None = None,
+    **options: Any,
+) -> MergeResult:
+    """`axolotl merge-lora config.yml`, streaming: merge the adapter an axolotl config trained into its base and
+    write `{output_dir}/merged/`. `config` is the YAML's path or its parsed mapping; the keywords override it (see
+    `read_axolotl_config`); `options` are `merge()`'s (progress, max_shard_size, overwrite, checksum ...)."""
+    settings = read_axolotl_config(
+        config, base=base, adapter=adapter, output_dir=output_dir, output=output, dtype=dtype
+    )
+    return merge(
+        settings.base,
+        settings.adapter,
+        settings.output,
+        dtype=settings.dtype,
+        hf_token=hf_token or settings.hf_token,
+        **options,
+    )
