@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,9 @@ def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
     """Every adapter tensor -> the output tensor it changes, in adapter-file order. Each one must be accounted for:
     used, a checked tied copy, not needed, or explicitly allowed unused; one the plan forgot is a bug."""
     rows: dict[str, CoverageRow] = {}
+    per_expert = Counter(
+        t.update.pair.keys for t in plan.tasks if isinstance(t.update, ExpertUpdate) and t.update.expert is not None
+    )
     for task in plan.tasks:
         action = task.action.value + (f", {task.note}" if task.note else "")
         if isinstance(task.update, LoraUpdate):
@@ -168,8 +172,13 @@ def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
         elif isinstance(task.update, TokenUpdate):
             action += f", {len(task.update.indices)} token rows replaced"
         elif isinstance(task.update, ExpertUpdate):
-            which = task.update.expert
-            action += f", all {task.update.experts} experts" if which is None else f", expert {which}"
+            update = task.update
+            if update.expert is None:
+                action += f", all {update.experts} experts"
+            else:  # one row per key: its first tensor, and how many it updates
+                action += f", {update.experts} experts in {per_expert[update.pair.keys]} per-expert tensors like it"
+                if any(key in rows for key in task.adapter_keys):
+                    continue
         for key in task.adapter_keys:
             rows[key] = CoverageRow(
                 key, describe_key(key), weights.shapes[key], task.output.name, task.output.shape, action
@@ -211,9 +220,7 @@ def build_plan(
     adapter_file = str(weights.path)
     embeddings = find_embeddings(base, base_config)
 
-    expert_updates, expert_modules, unmatched_experts = _expert_updates(
-        weights, config, base, base_config, loader, allow_unused
-    )
+    expert_updates, expert_modules, unmatched_experts = _expert_updates(weights, config, base, base_config, loader)
     lora_names = {f"{module}.weight": pair for module, pair in weights.pairs.items() if module not in expert_modules}
     names = list(dict.fromkeys([*lora_names, *weights.replacements, *weights.token_deltas]))
     matched = match_tensors(names, base.tensors, loader, adapter_file, optional=names)
@@ -687,13 +694,22 @@ class _ExpertTarget:
     split: tuple[tuple[str, ...], ...] = ()  # per expert, the base tensor names of its projections
 
 
+def _expert_candidates(owner: str, parameter: str, experts: int) -> list[str]:
+    """Every base tensor name `owner.parameter` may be stored under: fused, or per expert in a known layout (one
+    expert more than expected, to tell that there is none)."""
+    names = [f"{owner}.{parameter}"]
+    for layout in EXPERT_LAYOUTS:
+        if layout.parameter == parameter:
+            names.extend(name for names_of in layout.names(owner, experts + 1) for name in names_of)
+    return names
+
+
 def _expert_targets(
-    owner: str, parameter: str, experts: int, base: CheckpointIndex, loader: Loader, adapter_file: str
+    owner: str, parameter: str, experts: int, base: CheckpointIndex, matched: dict[str, str | None], adapter_file: str
 ) -> _ExpertTarget | None:
-    """The base tensors of `owner.parameter` with `experts` experts: the fused tensor, else a known per-expert
-    layout with exactly that many experts."""
-    fused_name = f"{owner}.{parameter}"
-    found = match_tensors([fused_name], base.tensors, loader, adapter_file, optional=[fused_name])[fused_name]
+    """The base tensors of `owner.parameter` with `experts` experts (`matched` maps _expert_candidates to them):
+    the fused tensor, else a known per-expert layout with exactly that many experts."""
+    found = matched[f"{owner}.{parameter}"]
     if found is not None:
         shape = base.tensors[found].shape
         if len(shape) != 3:
@@ -702,10 +718,7 @@ def _expert_targets(
     for layout in EXPERT_LAYOUTS:
         if layout.parameter != parameter:
             continue
-        per_expert = layout.names(owner, experts + 1)
-        flat = [name for names in per_expert for name in names]
-        matched = match_tensors(flat, base.tensors, loader, adapter_file, optional=flat)
-        targets = [tuple(matched[name] for name in names) for names in per_expert]
+        targets = [tuple(matched[name] for name in names) for names in layout.names(owner, experts + 1)]
         if any(target is None for target in targets[experts]) and all(
             target is not None for names in targets[:experts] for target in names
         ):
@@ -723,7 +736,6 @@ def _expert_updates(
     base: CheckpointIndex,
     base_config: dict[str, Any],
     loader: Loader,
-    allow_unused: bool,
 ) -> tuple[Updates, set[str], list[str]]:
     """LoRA on target_parameters (PEFT's ParamWrapper, MoE experts): the update of every base tensor they touch,
     the adapter modules they are, and the keys of those that match nothing in the base.
@@ -739,11 +751,24 @@ def _expert_updates(
     adapter_file = str(weights.path)
     transposed = base_config.get("model_type") in MOE_TRANSPOSED_MODEL_TYPES
     claimed: dict[tuple[str, str], str] = {}
+    # (module, pair, owner, [(parameter, r, alpha)]) per ParamWrapper; every name they may match, matched at once
+    wrappers: list[tuple[str, LoraPair, str, list[tuple[str, int, float]]]] = []
+    candidates: list[str] = []
     for module, pair in weights.pairs.items():
         owner = _strip_base_layers(module)
-        parameters = _targeted_parameters(owner, config.target_parameters)
-        if not parameters:
-            continue
+        parameters: list[tuple[str, int, float]] = []
+        for parameter in _targeted_parameters(owner, config.target_parameters):
+            r, alpha = module_rank_alpha(
+                f"{owner}.{parameter}", config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern
+            )
+            parameters.append((parameter, r, alpha))
+            if pair.rank % r == 0:
+                candidates.extend(_expert_candidates(owner, parameter, pair.rank // r))
+        if parameters:
+            wrappers.append((module, pair, owner, parameters))
+    candidates = list(dict.fromkeys(candidates))
+    matched = match_tensors(candidates, base.tensors, loader, adapter_file, optional=candidates)
+    for module, pair, owner, parameters in wrappers:
         modules.add(module)
         key = f"{PEFT_PREFIX}{module}.lora_A.weight"
         if pair.embedding or pair.bias is not None or pair.magnitude is not None:
@@ -753,13 +778,10 @@ def _expert_updates(
         in_features, out_features = int(pair.a.shape[1]), int(pair.b.shape[0])
         fits: list[tuple[_ExpertTarget, float]] = []
         seen: list[str] = []
-        for parameter in parameters:
-            r, alpha = module_rank_alpha(
-                f"{owner}.{parameter}", config.r, config.lora_alpha, config.rank_pattern, config.alpha_pattern
-            )
+        for parameter, r, alpha in parameters:
             if pair.rank % r:
                 continue
-            target = _expert_targets(owner, parameter, pair.rank // r, base, loader, adapter_file)
+            target = _expert_targets(owner, parameter, pair.rank // r, base, matched, adapter_file)
             if target is None:
                 continue
             seen.append(target.fused or target.split[0][0])
