@@ -105,7 +105,8 @@ def test_companion_files_are_copied_and_adapter_tokenizer_wins(llama: tuple, tmp
     names = {p.name for p in out.iterdir()}
     assert {"tokenizer.json", "tokenizer.model", "special_tokens_map.json", "chat_template.jinja"} <= names
     assert {"generation_config.json", "config.json", "model.safetensors"} <= names
-    assert not {"README.md", "pytorch_model.bin", "original", "adapter_config.json"} & names
+    assert not {"pytorch_model.bin", "original", "adapter_config.json"} & names
+    assert "base model card" not in (out / "README.md").read_text(), "the card is ours, not the base's"
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
     assert json.loads((out / "tokenizer.json").read_text()) == {"from": "base"}
     config, base_config = read_config(out), read_config(base)

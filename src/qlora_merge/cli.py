@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checksum",
         action="store_true",
-        help="write a README.md model card in the output with the SHA-256 of every shard",
+        help="add the SHA-256 of every output shard to the model card (README.md, always written: base, adapter, "
+        "scaling, dtype, version and a hash of each input)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the stage log")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")

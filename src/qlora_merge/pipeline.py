@@ -13,7 +13,7 @@ from typing import Any
 
 from .adapter import read_adapter
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
-from .card import write_card
+from .card import Provenance, input_files, shard_checksums, snapshot_commit, write_card
 from .checkpoint.format import read_safetensors_header
 from .checkpoint.index import CheckpointIndex, open_checkpoint
 from .checkpoint.reader import TensorReader
@@ -21,7 +21,7 @@ from .checkpoint.writer import CheckpointWriter, parse_size
 from .checks import ValueCheck
 from .errors import CheckpointFormatError, InputNotFound, MergeError
 from .keymap import resolve_loader
-from .names import WEIGHTS_INDEX_NAME
+from .names import ADAPTER_CONFIG_NAME, WEIGHTS_INDEX_NAME
 from .outputs import (
     adapter_tokenizer_files,
     check_free_space,
@@ -39,6 +39,7 @@ from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, CoverageRow, MergePl
 from .progress import ProgressCallback, ProgressEvent, human_bytes, ignore_progress
 from .resolve import resolve_adapter, resolve_base
 from .stream import run_plan
+from .variants import lora_scaling
 from .verify import VerifyReport, check_against_plan
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class MergeResult:
     reshaped: tuple[str, ...] = ()  # output tensors whose name or shape differs from the base's, and why
     nonfinite: tuple[str, ...] = ()  # tensors written with NaN/inf values (only with allow_nonfinite)
     checksums: dict[str, str] = field(default_factory=dict)  # shard -> SHA-256 (only with checksum)
+    inputs_sha256: dict[str, str] = field(default_factory=dict)  # "adapter/<file>" or "base/<file>" -> SHA-256
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +92,9 @@ class Inputs:
     plan: MergePlan
     companions: tuple[Path, ...]
     coverage: tuple[CoverageRow, ...]  # every adapter tensor and what it does to the output
+    lora: str = ""  # r, alpha, scaling and variants, for the model card
+    base_shards: tuple[str, ...] = ()
+    adapter_files: tuple[str, ...] = ()  # the adapter's weights file and config
 
 
 def merge(
@@ -115,8 +120,9 @@ def merge(
     Every adapter tensor must update some output tensor, unless `allow_unused`. With `dry_run`, nothing is
     written: the result reports the plan (`coverage`: each adapter tensor and the tensor it changes).
     A merged or converted tensor with NaN or infinite values, or values beyond float16's range in an f16 output,
-    is an error unless `allow_nonfinite` (then it is logged and kept in `nonfinite`). With `checksum`, the output
-    gets a README.md model card with the SHA-256 of every shard. The free space at the output is checked first.
+    is an error unless `allow_nonfinite` (then it is logged and kept in `nonfinite`). The output gets a README.md
+    model card: base, adapter, LoRA scaling, dtype, tool version and a hash of each input (`inputs_sha256`);
+    with `checksum`, also the SHA-256 of every shard written. The free space at the output is checked first.
     What killed merges into the same output left behind is removed first (see `outputs.remove_stale`).
     Raises MergeError (and subclasses) for bad input.
     """
@@ -151,14 +157,19 @@ def merge(
         bytes_written, nonfinite = _write(inputs, staging, allow_nonfinite, progress, timings)
         started = time.perf_counter()
         progress(ProgressEvent("save", "start", str(output)))
-        checksums = _finish(inputs, staging, dtype, str(base), str(adapter), checksum)
+        checksums, hashes = _finish(inputs, staging, dtype, str(base), str(adapter), checksum)
         publish(staging, output)
     except BaseException:
         discard(staging, created)
         raise
     timings["save"] = time.perf_counter() - started
     progress(ProgressEvent("save", "done", str(output), elapsed=timings["save"]))
-    return replace(_result(inputs, output, dtype, bytes_written, timings), nonfinite=nonfinite, checksums=checksums)
+    return replace(
+        _result(inputs, output, dtype, bytes_written, timings),
+        nonfinite=nonfinite,
+        checksums=checksums,
+        inputs_sha256=hashes,
+    )
 
 
 def verify(
@@ -297,6 +308,7 @@ def _prepare(
             )
         rows = coverage(plan, weights)
         stage.detail = _adapter_detail(config, weights)
+        lora = _lora_summary(config, weights)
     return Inputs(
         base_dir=base_dir,
         adapter_dir=adapter_dir,
@@ -305,6 +317,9 @@ def _prepare(
         plan=plan,
         companions=tuple(companions + from_adapter),
         coverage=tuple(rows),
+        lora=lora,
+        base_shards=tuple(sorted(index.weight_file_names)),
+        adapter_files=(weights.path.name, ADAPTER_CONFIG_NAME),
     )
 
 
@@ -333,6 +348,30 @@ def _adapter_detail(config: Any, weights: AdapterWeights) -> str:
     ]
     return f"{len(weights.pairs)} LoRA modules, r={config.r}, alpha={config.lora_alpha}" + "".join(
         f", {f}" for f in features
+    )
+
+
+def _lora_summary(config: Any, weights: AdapterWeights) -> str:
+    """r, alpha and scaling, and what else changes the merge, in one line for the model card."""
+    rule = "alpha/sqrt(r), rsLoRA" if config.use_rslora else "alpha/r"
+    scaling = lora_scaling(config.lora_alpha, config.r, config.use_rslora)
+    notes = [
+        note
+        for note, on in (
+            (
+                "rank_pattern/alpha_pattern give some modules their own",
+                bool(config.rank_pattern or config.alpha_pattern),
+            ),
+            ("DoRA", config.use_dora),
+            ("lora_bias", config.lora_bias),
+            (f"bias={config.bias}", config.bias != "none"),
+            (f"{len(weights.replacements)} tensors replaced (modules_to_save)", bool(weights.replacements)),
+            ("trainable tokens", bool(weights.token_deltas)),
+        )
+        if on
+    ]
+    return f"r={config.r}, alpha={config.lora_alpha:g}, scaling={scaling:g} ({rule}), {len(weights.pairs)} modules" + (
+        "".join(f"; {note}" for note in notes)
     )
 
 
@@ -407,19 +446,33 @@ def _write(
     return writer.bytes_written, tuple(values.findings)
 
 
-def _finish(inputs: Inputs, staging: Path, dtype: str, base: str, adapter: str, checksum: bool) -> dict[str, str]:
-    """Companion files, config.json, a re-read of what was written before it may be published, and with
-    `checksum` a model card with each shard's SHA-256 (returned)."""
+def _finish(
+    inputs: Inputs, staging: Path, dtype: str, base: str, adapter: str, checksum: bool
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Companion files, config.json, a re-read of what was written before it may be published, and the model card
+    (README.md) with the hash of each input and, with `checksum`, each shard's SHA-256. Returns the shard
+    checksums and the input hashes."""
     from . import __version__
 
     copy_companions(inputs.companions, staging)
     if inputs.base_config:
         write_config(inputs.base_config, TORCH_DTYPE_NAMES[OUTPUT_DTYPES[dtype]], staging, inputs.plan.config_changes)
     _check_written(inputs.plan, staging)
-    if not checksum:
-        return {}
-    shards = [shard.file_name for shard in inputs.plan.shards]
-    return write_card(staging, base, adapter, dtype, __version__, shards)
+    files = input_files(inputs.base_dir, inputs.base_shards, inputs.adapter_dir, inputs.adapter_files)
+    checksums = shard_checksums(staging, [shard.file_name for shard in inputs.plan.shards]) if checksum else {}
+    provenance = Provenance(
+        base=base,
+        adapter=adapter,
+        dtype=dtype,
+        version=__version__,
+        lora=inputs.lora,
+        base_commit=snapshot_commit(inputs.base_dir),
+        adapter_commit=snapshot_commit(inputs.adapter_dir),
+        inputs=tuple(files),
+        checksums=checksums,
+    )
+    write_card(staging, provenance)
+    return checksums, {f"{f.source}/{f.name}": f.sha256 for f in files if f.sha256}
 
 
 def _check_written(plan: MergePlan, staging: Path) -> None:
