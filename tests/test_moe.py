@@ -172,3 +172,39 @@ def test_target_parameters_on_a_2d_weight_are_refused(tmp_path: Path) -> None:
         MergeError, match=r"adapter_model.safetensors: .*'model.layers.0.self_attn.q_proj.weight'.*not 3-D"
     ):
         merge(base, adapter, tmp_path / "ours")
+
+
+def fused_moe_checkpoint(directory: Path, experts: int, rank: int = 8, d1: int = 512, d2: int = 1024) -> Path:
+    """A gpt-oss-shaped checkpoint holding one fused (experts, in, out) bf16 expert tensor, and an adapter on it."""
+    generator = torch.Generator().manual_seed(experts)
+    base, adapter = directory / "base", directory / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"]}))
+    weight = torch.randn(experts, d1, d2, generator=generator).to(torch.bfloat16)
+    save_file({"model.layers.0.mlp.experts.gate_up_proj": weight}, base / "model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.experts"
+    factors = {
+        f"{key}.lora_A.weight": torch.randn(experts * rank, d1, generator=generator) * 0.1,
+        f"{key}.lora_B.weight": torch.randn(d2, experts * rank, generator=generator) * 0.1,
+    }
+    save_file(factors, adapter / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 16, "target_parameters": ["mlp.experts.gate_up_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_fused_experts_merge_in_flat_memory(tmp_path: Path) -> None:
+    """One expert at a time: 4x the experts (a 192 MiB tensor instead of 48 MiB, both past the writer's fixed
+    32 MiB pieces; the float32 delta whole would be 384 MiB) costs only the larger factors (~6 MB)."""
+    from test_memory import merge_peak_rss
+
+    small = merge_peak_rss(fused_moe_checkpoint(tmp_path / "small", experts=48))
+    large = merge_peak_rss(fused_moe_checkpoint(tmp_path / "large", experts=192))
+    assert large - small < 24e6, (small, large)
+    merged = load_file(tmp_path / "large" / "merged" / "model.safetensors")["model.layers.0.mlp.experts.gate_up_proj"]
+    factors = load_file(tmp_path / "large" / "adapter" / "adapter_model.safetensors")
+    a, b = (factors[f"base_model.model.model.layers.0.mlp.experts.lora_{x}.weight"] for x in "AB")
+    weight = load_file(tmp_path / "large" / "base" / "model.safetensors")["model.layers.0.mlp.experts.gate_up_proj"]
+    expected = weight + expert_deltas_whole(a, b, 192, 2.0, True).to(torch.bfloat16)  # PEFT: W += delta.to(W.dtype)
+    assert torch.equal(merged, expected)
