@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from factories import make_adapter, make_base
+from factories import MOE_PARAMETERS, make_adapter, make_base
 from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import inspect_adapter
@@ -111,3 +111,22 @@ def test_cli_prints_the_report_and_exits_2_on_a_base_that_does_not_fit(tmp_path:
 
     code, out, err = run(str(tmp_path / "missing"))
     assert code == 2 and "not found" in err
+
+
+def test_moe_expert_parameters(tmp_path: Path) -> None:
+    base = make_base("qwen3_moe", tmp_path / "base")
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        "qwen3_moe",
+        target_modules=["q_proj"],
+        target_parameters=MOE_PARAMETERS,
+        rank_pattern={"layers.1.mlp.experts.down_proj": 2},
+    )
+    alone = inspect_adapter(adapter)
+    assert set(alone.module_kinds) == {"q_proj", "experts"} and "target_parameters" in alone.variants
+    assert sorted(alone.target_parameters) == sorted(MOE_PARAMETERS), "PEFT saves them in set order"
+    report = inspect_adapter(adapter, base)
+    assert report.base_matches is True
+    assert list(report.module_scaling.values()) == [8 / 2], "only layer 1's down_proj experts: r=2 from the pattern"
+    assert "layers.1.mlp.experts" in next(iter(report.module_scaling))

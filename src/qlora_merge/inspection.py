@@ -12,6 +12,7 @@ from typing import Any
 from .adapter import read_adapter
 from .errors import KeyMatchError, ShapeMismatch
 from .names import ADAPTER_CONFIG_NAME
+from .plan import ExpertUpdate, LoraUpdate
 from .resolve import resolve_adapter
 from .variants import lora_scaling, module_rank_alpha
 
@@ -24,9 +25,10 @@ class AdapterReport:
     """What `inspect_adapter` found; `to_dict()` is what `qlora-merge inspect --json` prints.
 
     `scaling` is alpha / r (alpha / sqrt(r) with rsLoRA) from the config's defaults; `module_scaling` lists the
-    modules whose rank_pattern/alpha_pattern gives them another one. With a base, `base_matches` tells whether
-    the merge would be planned without error, and `mismatches` says why not (adapter tensors that match no base
-    tensor, or the planner's first shape error).
+    modules whose rank_pattern/alpha_pattern gives them another one (with a base, as the planner applies the
+    patterns, which also places MoE expert factors; without one, from the module names alone). With a base,
+    `base_matches` tells whether the merge would be planned without error, and `mismatches` says why not
+    (adapter tensors that match no base tensor, or the planner's first shape error).
     """
 
     adapter: Path
@@ -37,6 +39,7 @@ class AdapterReport:
     module_scaling: dict[str, float]
     variants: tuple[str, ...]  # rsLoRA, DoRA, lora_bias, bias=..., fan_in_fan_out, embedding LoRA, mica
     target_modules: tuple[str, ...] | str | None
+    target_parameters: tuple[str, ...]  # parameters adapted directly (MoE experts)
     module_kinds: tuple[str, ...]  # last name part of each LoRA module: q_proj, v_proj ...
     layers: tuple[int, int] | None  # first and last layer number a LoRA module sits in
     lora_modules: int
@@ -83,7 +86,8 @@ def inspect_adapter(
         module_scaling=module_scaling,
         variants=_variants(config, weights),
         target_modules=config.target_modules,
-        module_kinds=tuple(dict.fromkeys(module.rsplit(".", 1)[-1] for module in weights.pairs)),
+        target_parameters=config.target_parameters,
+        module_kinds=tuple(dict.fromkeys(_kind(module) for module in weights.pairs)),
         layers=(layers[0], layers[-1]) if layers else None,
         lora_modules=len(weights.pairs),
         modules_to_save=tuple(weights.replacements),
@@ -98,11 +102,26 @@ def inspect_adapter(
         inputs = plan_merge(base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True)
     except (KeyMatchError, ShapeMismatch) as exc:
         return _with_base(report, base, [str(exc)])
-    return _with_base(report, base, [f"'{key}' matches no tensor of the base" for key in inputs.plan.unused])
+    mismatches = [f"'{key}' matches no tensor of the base" for key in inputs.plan.unused]
+    # The planner knows which parameter each expert factor updates, so its scalings are the ones a merge uses.
+    planned = {
+        task.update.pair.module: task.update.scaling
+        for task in inputs.plan.tasks
+        if isinstance(task.update, LoraUpdate | ExpertUpdate)
+    }
+    scalings = {module: scaling for module, scaling in planned.items() if scaling != report.scaling}
+    return replace(_with_base(report, base, mismatches), module_scaling=scalings)
 
 
 def _with_base(report: AdapterReport, base: str | Path, mismatches: list[str]) -> AdapterReport:
     return replace(report, base=str(base), base_matches=not mismatches, mismatches=tuple(mismatches))
+
+
+def _kind(module: str) -> str:
+    """The last part of a module name, past PEFT's nesting: `mlp.experts.base_layer` -> `experts`."""
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+    return module.rsplit(".", 1)[-1]
 
 
 def _variants(config: Any, weights: Any) -> tuple[str, ...]:
@@ -118,5 +137,6 @@ def _variants(config: Any, weights: Any) -> tuple[str, ...]:
         ("modules_to_save", bool(weights.replacements)),
         ("trainable_token_indices", bool(config.trainable_token_indices)),
         ("mica", config.mica),
+        ("target_parameters", bool(config.target_parameters)),
     )
     return tuple(name for name, on in flags if on)
