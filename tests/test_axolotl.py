@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -208,3 +209,12 @@ def test_missing_config_and_missing_flags(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run("--adapter", "a", "--output", "o")
     assert exit_info.value.code == 2
+
+
+def test_config_with_verify_and_json(trained: tuple[Path, Path, Path]) -> None:
+    _, _, config = trained
+    code, out, err = run("--config", str(config), "--verify", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["output"] == "outputs/qlora-out/merged" and result["dtype"] == "bf16"
+    assert set(result["inputs_sha256"]) >= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"}
