@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint), or an architecture name (default: auto)",
     )
     parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+    parser.add_argument(
+        "--adapter-name",
+        default=None,
+        help="which of several adapters saved in one directory (PEFT keeps non-default ones in sub-folders)",
+    )
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 2GiB (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     parser.add_argument(
@@ -282,6 +287,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             dtype=args.dtype,
             loader=args.loader,
             hf_token=args.hf_token,
+            adapter_name=args.adapter_name,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             allow_unused=args.allow_unused,
@@ -327,6 +333,11 @@ def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     parser.add_argument("--merged", required=True, help="the merged model directory to check")
     parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
     parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+    parser.add_argument(
+        "--adapter-name",
+        default=None,
+        help="which of several adapters saved in one directory (PEFT keeps non-default ones in sub-folders)",
+    )
     parser.add_argument("--allow-unused", action="store_true", help="as for the merge: adapter tensors may go unused")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -406,7 +417,13 @@ def _verify_and_report(
     `json_out`), a failure to stderr as one line. Returns the exit code."""
     code, report = _guarded(
         lambda: verify(
-            args.base, args.adapter, merged, loader=args.loader, hf_token=args.hf_token, allow_unused=args.allow_unused
+            args.base,
+            args.adapter,
+            merged,
+            loader=args.loader,
+            hf_token=args.hf_token,
+            adapter_name=args.adapter_name,
+            allow_unused=args.allow_unused,
         ),
         args.debug,
         err,

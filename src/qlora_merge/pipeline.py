@@ -105,6 +105,7 @@ def merge(
     dtype: str = "bf16",
     loader: str = "auto",
     hf_token: str | None = None,
+    adapter_name: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     allow_unused: bool = False,
@@ -148,6 +149,7 @@ def merge(
         allow_unused,
         progress,
         timings,
+        adapter_name=adapter_name,
     )
     if dry_run:
         return _result(inputs, output, dtype, 0, timings, dry_run=True)
@@ -179,6 +181,7 @@ def verify(
     *,
     loader: str = "auto",
     hf_token: str | None = None,
+    adapter_name: str | None = None,
     allow_unused: bool = False,
     progress: ProgressCallback = ignore_progress,
 ) -> VerifyReport:
@@ -193,8 +196,15 @@ def verify(
         raise InputNotFound(f"{merged_dir}: merged model directory not found")
     merged_index = open_checkpoint(merged_dir)
     dtype = _checkpoint_dtype(merged_index)
-    inputs = _prepare(
-        str(base), str(adapter), None, dtype, loader, hf_token, parse_size("5GB"), False, allow_unused, progress, {}
+    inputs = plan_merge(
+        base,
+        adapter,
+        dtype=dtype,
+        loader=loader,
+        hf_token=hf_token,
+        adapter_name=adapter_name,
+        allow_unused=allow_unused,
+        progress=progress,
     )
     with TensorReader() as reader:
         return check_against_plan(inputs.plan, merged_index, reader)
@@ -207,9 +217,12 @@ def plan_merge(
     dtype: str = "bf16",
     loader: str = "auto",
     hf_token: str | None = None,
+    adapter_name: str | None = None,
     allow_unused: bool = False,
+    progress: ProgressCallback = ignore_progress,
 ) -> Inputs:
-    """The inputs resolved and the merge planned, as a dry run plans it; nothing is written (`inspect --base`)."""
+    """The inputs resolved and the merge planned, as a dry run plans it; nothing is written (`inspect --base`,
+    `verify`)."""
     return _prepare(
         str(base),
         str(adapter),
@@ -220,8 +233,9 @@ def plan_merge(
         parse_size("5GB"),
         False,
         allow_unused,
-        ignore_progress,
+        progress,
         {},
+        adapter_name=adapter_name,
     )
 
 
@@ -271,12 +285,14 @@ def _prepare(
     allow_unused: bool,
     progress: ProgressCallback,
     timings: dict[str, float],
+    *,
+    adapter_name: str | None = None,
 ) -> Inputs:
     with _stage("resolve", progress, timings) as stage:
         if output is not None:
             check_output_free(output, overwrite)
         base_dir = resolve_base(base, hf_token)
-        adapter_dir = resolve_adapter(adapter, hf_token)
+        adapter_dir = resolve_adapter(adapter, hf_token, adapter_name)
         if output is not None:
             check_not_inside(output, [base_dir], may_hold=[adapter_dir])
         base_config = _read_base_config(base_dir)

@@ -36,6 +36,8 @@ BASE_METADATA = [
 ]
 # Sub-folders hold other formats or components (original/, onnx/, gguf/...); the merge reads the top level only.
 TOP_LEVEL_ONLY = ["*/*"]
+# PEFT saves the adapter of this name at the top of its directory, any other in a sub-folder named after it.
+DEFAULT_ADAPTER = "default"
 UNINDEXED_WEIGHTS = [WEIGHTS_NAME, SHARD_GLOB]
 
 
@@ -57,20 +59,44 @@ def resolve_base(ref: str, token: str | None = None) -> Path:
     return root
 
 
-def resolve_adapter(ref: str, token: str | None = None) -> Path:
-    """A local adapter dir as is; a repo id downloaded: its config, weights and any tokenizer files saved with it."""
+def resolve_adapter(ref: str, token: str | None = None, name: str | None = None) -> Path:
+    """A local adapter dir as is; a repo id downloaded: its config, weights and any tokenizer files saved with it.
+
+    `name` picks one of several adapters saved together: PEFT writes the one called "default" at the top and every
+    other in a sub-folder of its name. The directory of the chosen adapter is returned.
+    """
+    named = name is not None and name != DEFAULT_ADAPTER
     local = _local_dir(ref, "adapter")
     if local is not None:
-        return local
+        return _chosen_adapter(local, name, ref)
     repo_id, revision = _split_ref(ref)
-    root = _download(
-        ref, "adapter", repo_id, revision, [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, *TOKENIZER_FILES], token
-    )
-    _require(root, [ADAPTER_CONFIG_NAME], ref)
-    if not (root / ADAPTER_WEIGHTS_NAME).is_file():
+    folder = f"{name}/" if named else ""
+    wanted = [f"{folder}{ADAPTER_CONFIG_NAME}", f"{folder}{ADAPTER_WEIGHTS_NAME}", *TOKENIZER_FILES]
+    # A named adapter lives in a sub-folder: the patterns name its files exactly, so nothing else comes along.
+    ignore = None if named else TOP_LEVEL_ONLY
+    root = _download(ref, "adapter", repo_id, revision, wanted, token, ignore)
+    _require(root, [f"{folder}{ADAPTER_CONFIG_NAME}"], ref)
+    if not (root / folder / ADAPTER_WEIGHTS_NAME).is_file():
         # Old PEFT saved pickles; fetched only when there is no safetensors, as a repo may hold both.
-        root = _download(ref, "adapter", repo_id, _commit_of(root, revision), [ADAPTER_PICKLE_NAME], token)
-    return root
+        pickle = [f"{folder}{ADAPTER_PICKLE_NAME}"]
+        root = _download(ref, "adapter", repo_id, _commit_of(root, revision), pickle, token, ignore)
+    return root / folder if named else root
+
+
+def _chosen_adapter(directory: Path, name: str | None, ref: str) -> Path:
+    """The directory of adapter `name` (None: the only or the default one) among those saved in `directory`."""
+    saved = sorted(p.parent.name for p in directory.glob(f"*/{ADAPTER_CONFIG_NAME}"))
+    if name is None or name == DEFAULT_ADAPTER:
+        if (directory / ADAPTER_CONFIG_NAME).is_file() or not saved:
+            return directory  # reading its adapter_config.json says what is wrong when there is none
+        names = ", ".join(repr(n) for n in saved)
+        raise InputNotFound(
+            f"{ref}: holds adapters {names} in sub-folders and none at the top: pick one with --adapter-name"
+        )
+    if (directory / name / ADAPTER_CONFIG_NAME).is_file():
+        return directory / name
+    found = ", ".join(repr(n) for n in (["default"] if (directory / ADAPTER_CONFIG_NAME).is_file() else []) + saved)
+    raise InputNotFound(f"{ref}: no adapter named {name!r} (found: {found or 'none'})")
 
 
 def _local_dir(ref: str, what: str) -> Path | None:
@@ -124,7 +150,15 @@ def _require(root: Path, names: list[str], ref: str) -> None:
         raise InputNotFound(f"{ref}: {missing[0]} is missing from the snapshot {root} ({why})")
 
 
-def _download(ref: str, what: str, repo_id: str, revision: str | None, patterns: list[str], token: str | None) -> Path:
+def _download(
+    ref: str,
+    what: str,
+    repo_id: str,
+    revision: str | None,
+    patterns: list[str],
+    token: str | None,
+    ignore: list[str] | None = TOP_LEVEL_ONLY,
+) -> Path:
     """snapshot_download of the files matching `patterns`, with every hub error turned into one InputNotFound line."""
     # Imported here: a purely local merge should not pay for the hub client's import.
     from huggingface_hub import constants, snapshot_download
@@ -143,7 +177,7 @@ def _download(ref: str, what: str, repo_id: str, revision: str | None, patterns:
     token_hint = "pass --hf-token or set HF_TOKEN"
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=TOP_LEVEL_ONLY, token=token or None
+            repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=ignore, token=token or None
         )
     except GatedRepoError as exc:
         raise InputNotFound(f"{ref}: gated Hugging Face repo: accept its terms on the hub, then {token_hint}") from exc
