@@ -72,7 +72,6 @@ KNOWN_FIELDS = frozenset(
 )
 # LoRA variants whose merge is not W + scale * B @ A (or DoRA): refused by name rather than merged wrongly.
 UNSUPPORTED_VARIANTS = {
-    "layer_replication": "layer_replication",
     "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
@@ -106,6 +105,8 @@ class LoraConfig:
     # `<module>.<parameter>` names of parameters adapted directly (MoE experts' fused 3-D weights)
     target_parameters: tuple[str, ...] = ()
     modules_to_save: tuple[str, ...] | None = None
+    # layer_replication: [start, end) ranges of base layers stacked into the adapted model's layers
+    layer_replication: tuple[tuple[int, int], ...] = ()
 
 
 def read_adapter_config(directory: Path) -> LoraConfig:
@@ -164,6 +165,24 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         target_parameters=tuple(
             _names(path, "target_parameters", raw.get("target_parameters"), regex_allowed=False) or ()
         ),
+        layer_replication=_layer_ranges(path, raw.get("layer_replication")),
+    )
+
+
+def _layer_ranges(path: Path, value: Any) -> tuple[tuple[int, int], ...]:
+    """layer_replication: a list of [start, end) pairs of base layer indices, 0 <= start < end."""
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(
+        isinstance(pair, list | tuple)
+        and len(pair) == 2
+        and all(isinstance(i, int) and not isinstance(i, bool) for i in pair)
+        and 0 <= pair[0] < pair[1]
+        for pair in value
+    ):
+        return tuple((int(start), int(end)) for start, end in value)
+    raise AdapterFormatError(
+        f"{path}: 'layer_replication' must be a list of [start, end) layer ranges, got {_short(value)}"
     )
 
 
