@@ -695,13 +695,16 @@ def _lora_update(
     rows, cols = pair.weight_shape
     if pair.embedding:
         layout: Layout | None = Layout.EMBEDDING if shape == (rows, cols) else None
+    elif pair.kernel:
+        layout = Layout.CONV if shape == (rows, cols, *pair.kernel) else None
     else:
         transposed = is_transposed(shape, rows, cols, config.fan_in_fan_out, base_config.get("model_type"))
         layout = None if transposed is None else Layout.CONV1D if transposed else Layout.LINEAR
     if layout is None:
         what = "an embedding" if pair.embedding else "a"
+        expected = (rows, cols, *pair.kernel)
         raise ShapeMismatch(
-            f"{adapter_path}: '{key}' updates {what} ({rows}, {cols}) weight but base tensor '{weight.name}' is {shape}"
+            f"{adapter_path}: '{key}' updates {what} {expected} weight but base tensor '{weight.name}' is {shape}"
         )
     return LoraUpdate(
         pair=pair,

@@ -16,7 +16,9 @@ from .variants import (
     MIN_BLOCK_ROWS,
     BlockingCheck,
     ExpertCheck,
+    Layout,
     bias_delta,
+    conv_merged,
     dora_rows_into,
     dora_whole,
     expert_delta,
@@ -255,6 +257,10 @@ def _merge(
     compute = factor_dtype(a.dtype, b.dtype)
     a, b = a.to(compute), b.to(compute)
     magnitude = load_factor(update.pair.magnitude, reader) if update.pair.magnitude is not None else None
+    if update.layout is Layout.CONV:
+        assert magnitude is None
+        _write_tensor(conv_merged(_held_source(task, reader), a, b, update.scaling), task, writer, workspace, check)
+        return
     if update.whole:
         assert magnitude is not None
         merged = dora_whole(_held_source(task, reader), a, b, update.scaling, magnitude)

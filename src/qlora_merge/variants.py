@@ -55,10 +55,11 @@ class Layout(enum.Enum):
     LINEAR = "linear"  # W (out, in), delta B @ A
     CONV1D = "conv1d"  # W (in, out), delta (B @ A).T
     EMBEDDING = "embedding"  # W (num, dim), delta (B @ A).T, rounded to W's dtype before the add
+    CONV = "conv"  # W (out, in, *kernel) of nn.Conv1d/2d/3d, A (r, in, *kernel), B (out, r, 1 ...)
 
     @property
     def transposed(self) -> bool:
-        return self is not Layout.LINEAR
+        return self in (Layout.CONV1D, Layout.EMBEDDING)
 
 
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
@@ -128,9 +129,27 @@ def rounds_delta(layout: Layout, mica: bool, expert: bool = False) -> bool:
 
 
 def merged_whole(layout: Layout, dora: bool) -> bool:
-    """DoRA on Conv1D and Embedding weights takes column norms, which need every row: the weight is merged in one
-    piece. Everything else goes a block of rows at a time."""
-    return dora and layout.transposed
+    """DoRA on Conv1D and Embedding weights takes column norms, which need every row, and a convolution's delta is
+    one conv op (kernels are small): such a weight is merged in one piece. Everything else goes a block of rows at
+    a time."""
+    return (dora and layout.transposed) or layout is Layout.CONV
+
+
+def conv_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """PEFT's `_ConvNd.get_delta_weight`, its own expressions: a 1x1 Conv2d (its kernel's first two sizes 1, 1) as
+    the matrix product B @ A; any other kernel as `conv{n}d(A.transpose(0, 1), B).transpose(0, 1) * s`, the delta
+    laid out (out, in, *kernel)."""
+    if tuple(a.shape[2:4]) == (1, 1):
+        return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
+    conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
+    return conv(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+
+def conv_merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W + delta of a convolution weight, unrounded: PEFT's `weight.data += delta` sums in float32 (float64 where
+    either side is) and rounds once."""
+    delta = conv_delta(a, b, scaling)
+    return _sum_into(weight, delta, torch.empty(weight.numel(), dtype=torch.float32))
 
 
 def linear_delta_rows(

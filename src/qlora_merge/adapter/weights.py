@@ -74,6 +74,11 @@ class LoraPair:
         return int(self.a.shape[0])
 
     @property
+    def kernel(self) -> tuple[int, ...]:
+        """A convolution LoRA's kernel size (A is (r, in, *kernel)); () for every other layer kind."""
+        return tuple(int(n) for n in self.a.shape[2:])
+
+    @property
     def weight_shape(self) -> tuple[int, int]:
         """The (rows, columns) of the weight as PEFT's layer sees it: (out, in), or (num, dim) for embeddings."""
         if self.embedding:
@@ -218,11 +223,14 @@ def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTe
             present = ", ".join(f"'{k}'" for k, _ in found.values())
             raise AdapterFormatError(f"{path}: '{key}.{missing}' is missing (the file has {present})")
     a, b = found[names[0]][1], found[names[1]][1]
-    if len(a.shape) == len(b.shape) and len(a.shape) in (3, 4, 5):
-        raise UnsupportedAdapter(
-            f"{path}: '{key}' has {len(a.shape)}-D LoRA factors (convolution LoRA), not merged yet"
+    conv = not embedding and len(a.shape) == len(b.shape) and len(a.shape) in (3, 4, 5)
+    if conv and any(int(n) != 1 for n in b.shape[2:]):
+        raise AdapterFormatError(
+            f"{path}: '{key}' lora_B {tuple(b.shape)} of a convolution LoRA must have a 1 x 1 kernel"
         )
-    if len(a.shape) != 2 or len(b.shape) != 2:
+    if conv and "magnitude" in found:
+        raise UnsupportedAdapter(f"{path}: '{key}': DoRA on a convolution is not supported yet")
+    if not conv and (len(a.shape) != 2 or len(b.shape) != 2):
         raise AdapterFormatError(
             f"{path}: '{key}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not matrices"
         )
