@@ -271,10 +271,28 @@ def base_only_config(src: Sources, tmp: Path) -> Bad:
     return Bad(tmp / "base", src.adapter, tmp / "base")
 
 
-def base_only_pickle(src: Sources, tmp: Path) -> Bad:
+class _RunsCode:
+    """Unpickling this would call os.makedirs: a .bin that carries code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.makedirs, (str(self.marker),))
+
+
+def base_pickle_with_code(src: Sources, tmp: Path) -> Bad:
     base_only_config(src, tmp)
-    torch.save(load_file(first_shard(src.base)), tmp / "base" / "pytorch_model.bin")
+    state: dict[str, Any] = dict(load_file(first_shard(src.base)))
+    state["payload"] = _RunsCode(tmp / "ran")
+    torch.save(state, tmp / "base" / "pytorch_model.bin")
     return Bad(tmp / "base", src.adapter, tmp / "base" / "pytorch_model.bin")
+
+
+def base_only_consolidated_pth(src: Sources, tmp: Path) -> Bad:
+    base_only_config(src, tmp)
+    torch.save(load_file(first_shard(src.base)), tmp / "base" / "consolidated.00.pth")
+    return Bad(tmp / "base", src.adapter, tmp / "base" / "consolidated.00.pth")
 
 
 def base_config_invalid_json(src: Sources, tmp: Path) -> Bad:
@@ -557,7 +575,8 @@ CASES: list[tuple[str, Callable[[Sources, Path], Bad], type[MergeError], str]] =
     ("rank-disagrees-with-config", rank_disagrees_with_config, ShapeMismatch, "has rank 4 but .* r=8"),
     ("base-dir-missing", missing_base_dir, InputNotFound, "not found"),
     ("base-only-config", base_only_config, CheckpointFormatError, "no model.safetensors"),
-    ("base-only-pytorch-bin", base_only_pickle, CheckpointFormatError, "only pickle"),
+    ("base-pytorch-bin-with-code", base_pickle_with_code, CheckpointFormatError, "refused, it pickles objects"),
+    ("base-only-consolidated-pth", base_only_consolidated_pth, CheckpointFormatError, "only pickle"),
     ("base-config-invalid-json", base_config_invalid_json, CheckpointFormatError, "not valid JSON"),
     ("base-config-nested-too-deep", base_config_nested_too_deep, CheckpointFormatError, "not valid JSON"),
     *[

@@ -9,9 +9,11 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 SHARD_GLOB = "model-*-of-*.safetensors"
-# Pickled weights that transformers may have saved instead (recognised, never read).
+# Pickled weights that transformers may have saved instead (pytorch_model*.bin read with weights_only; others
+# recognised, never read).
+PICKLE_NAME = "pytorch_model.bin"
 PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
-PICKLE_WEIGHTS = ("pytorch_model.bin", PICKLE_INDEX_NAME, "model.pt", "consolidated.00.pth")
+PICKLE_WEIGHTS = (PICKLE_NAME, PICKLE_INDEX_NAME, "model.pt", "consolidated.00.pth")
 
 # A PEFT adapter directory.
 ADAPTER_CONFIG_NAME = "adapter_config.json"

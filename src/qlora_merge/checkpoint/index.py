@@ -7,8 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, InputNotFound
-from ..names import PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, shard_name
+from ..names import (
+    PICKLE_INDEX_NAME,
+    PICKLE_NAME,
+    PICKLE_WEIGHTS,
+    SHARD_PATTERN,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    shard_name,
+)
 from .format import SafetensorsFile, TensorEntry, read_safetensors_header
+from .pickled import convert_pickle_shards
 
 
 @dataclass(frozen=True)
@@ -29,10 +38,26 @@ class CheckpointIndex:
 
 
 def open_checkpoint(root: Path) -> CheckpointIndex:
-    """Read the headers of every weight file under `root` (not the data) and validate them."""
+    """Read the headers of every weight file under `root` (not the data) and validate them.
+
+    A base saved only as PyTorch pickles (pytorch_model.bin, or shards and pytorch_model.bin.index.json) is read
+    safely and converted shard by shard to temporary safetensors files first (see checkpoint/pickled.py).
+    """
     if not root.is_dir():
         raise InputNotFound(f"{root}: base model directory not found")
     index_path = root / WEIGHTS_INDEX_NAME
+    pickled = not index_path.is_file() and not (root / WEIGHTS_NAME).is_file()
+    pickled = pickled and not any(SHARD_PATTERN.fullmatch(p.name) for p in root.iterdir())
+    if pickled and ((root / PICKLE_INDEX_NAME).is_file() or (root / PICKLE_NAME).is_file()):
+        index_path = root / PICKLE_INDEX_NAME
+        if index_path.is_file():
+            file_names, expected = _read_index(index_path)
+        else:
+            file_names, expected = [PICKLE_NAME], None
+        sources = [_inside(root, name, index_path) for name in file_names]
+        files = tuple(read_safetensors_header(path) for path in convert_pickle_shards(sources))
+        # The index's names are not checked against the files: a tied weight pickled twice is converted once.
+        return _indexed(root, files, None, index_path)
     if index_path.is_file():
         file_names, expected = _read_index(index_path)
     elif (root / WEIGHTS_NAME).is_file():
@@ -44,13 +69,19 @@ def open_checkpoint(root: Path) -> CheckpointIndex:
             pickled = [name for name in PICKLE_WEIGHTS if (root / name).exists()]
             if pickled:
                 raise CheckpointFormatError(
-                    f"{root / pickled[0]}: only pickle (.bin/.pt) weights found; qlora-merge reads safetensors "
-                    "checkpoints (convert with transformers' save_pretrained(safe_serialization=True))"
+                    f"{root / pickled[0]}: only pickle weights found in a format not read here; qlora-merge reads "
+                    "safetensors checkpoints and pytorch_model.bin (or shards with pytorch_model.bin.index.json)"
                 )
             raise CheckpointFormatError(f"{root}: no model.safetensors or model-*-of-*.safetensors weights found")
         _check_complete_shard_set(root, file_names)
 
     files = tuple(read_safetensors_header(_inside(root, name, index_path)) for name in file_names)
+    return _indexed(root, files, expected, index_path)
+
+
+def _indexed(
+    root: Path, files: tuple[SafetensorsFile, ...], expected: dict[str, str] | None, index_path: Path
+) -> CheckpointIndex:
     tensors: dict[str, TensorEntry] = {}
     for weight_file in files:
         for entry in weight_file.tensors:

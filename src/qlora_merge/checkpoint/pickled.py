@@ -1,0 +1,101 @@
+"""Read a PyTorch pickle checkpoint (pytorch_model.bin, or shards with pytorch_model.bin.index.json) safely.
+
+Each .bin file is opened with `torch.load(weights_only=True, mmap=True)` only: PyTorch's restricted unpickler,
+which builds tensors and plain containers and refuses any other global, so nothing in the file is ever run.
+Anything that is not a flat mapping of names to tensors is refused. Each file is then written, one tensor at a
+time, as a safetensors file of the same name in a private temporary directory, and the merge streams from those
+files as from any safetensors base. Memory stays bounded by one shard's memory map (file-backed pages the kernel
+can drop) plus one tensor's bytes; the temporary copies cost disk space equal to the base, and are deleted when
+the last tensor entry that points into them is gone (the merge's plan), or at the latest when the process exits.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import tempfile
+import weakref
+import zipfile
+from pathlib import Path, PosixPath
+
+import torch
+
+from ..errors import CheckpointFormatError
+from .format import TORCH_TO_NAME, encode_header
+
+
+class _Scratch:
+    """A temporary directory removed when this object is collected."""
+
+    def __init__(self) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix="qlora-merge-bin-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+
+class ConvertedPath(PosixPath):
+    """The path of a converted file; it holds its temporary directory alive (TensorEntry.file keeps this path)."""
+
+    scratch: _Scratch
+
+
+def convert_pickle_shards(paths: list[Path]) -> list[Path]:
+    """Each .bin file as a safetensors file of the same name in one new temporary directory."""
+    scratch = _Scratch()
+    converted = []
+    for path in paths:
+        target = ConvertedPath(scratch.path / path.name)
+        target.scratch = scratch
+        _convert(path, target)
+        converted.append(target)
+    return converted
+
+
+def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one .bin file, memory-mapped; a file that pickles anything else is refused, never run."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointFormatError(
+            f"{path}: a legacy (pre-1.6) torch file, which cannot be memory-mapped; re-save the base as safetensors"
+        )
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():
+            raise CheckpointFormatError(
+                f"{path}: refused, it pickles objects other than tensors (nothing was run; re-save it as safetensors)"
+            ) from exc
+        raise CheckpointFormatError(f"{path}: not a readable torch file (corrupt or not a pickle)") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointFormatError(f"{path}: not a readable torch file ({reason[:200]})") from exc
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointFormatError(f"{path}: expected a mapping of names to tensors")
+    for name, tensor in loaded.items():
+        if tensor.dtype not in TORCH_TO_NAME or tensor.layout is not torch.strided or tensor.is_quantized:
+            raise CheckpointFormatError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, not one safetensors holds")
+    return dict(loaded)
+
+
+def _convert(source: Path, target: Path) -> None:
+    """Write `source`'s tensors to `target` as safetensors, in the file's order, one tensor at a time. A tensor
+    that is the very same view of a storage as an earlier one (a tied weight pickled twice) is left out, as
+    transformers leaves it out of its safetensors files."""
+    tensors = load_pickle_weights(source)
+    seen: set[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = set()
+    kept: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in tensors.items():
+        view = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and view in seen:
+            continue
+        seen.add(view)
+        kept.append((name, tensor))
+    header = encode_header(
+        [(name, TORCH_TO_NAME[t.dtype], tuple(int(n) for n in t.shape)) for name, t in kept], {"format": "pt"}
+    )
+    with open(target, "wb") as out:
+        out.write(header)
+        for _, tensor in kept:
+            flat = tensor.contiguous().reshape(-1)
+            if flat.numel():
+                out.write(memoryview(flat.view(torch.uint8).numpy()))
