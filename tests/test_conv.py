@@ -1,6 +1,6 @@
-"""Convolution LoRA (nn.Conv1d / nn.Conv2d factors A (r, in, *kernel), B (out, r, 1 ...)): merged tensor by tensor
-bit-identical to PEFT's merge_and_unload(), on a tiny ResNet (7x7, 3x3 and 1x1 Conv2d) and a tiny wav2vec2
-feature encoder (Conv1d)."""
+"""Convolution LoRA and DoRA (nn.Conv1d / nn.Conv2d factors A (r, in, *kernel), B (out, r, 1 ...)): merged tensor
+by tensor bit-identical to PEFT's merge_and_unload(), on a tiny ResNet (7x7, 3x3 and 1x1 Conv2d) and a tiny
+wav2vec2 feature encoder (Conv1d)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,9 @@ def make(kind: str, tmp: Path, dtype: torch.dtype, **lora: Any) -> tuple[Path, P
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + torch.randn(param.shape, generator=generator) * 0.1)
+            elif "lora_" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
     adapter = tmp / "adapter"
     peft_model.save_pretrained(adapter)
@@ -66,10 +68,16 @@ def make(kind: str, tmp: Path, dtype: torch.dtype, **lora: Any) -> tuple[Path, P
     return base, adapter, read_tensors(tmp / "peft")
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize(("dtype", "name"), [(torch.float32, "f32"), (torch.bfloat16, "bf16")])
 @pytest.mark.parametrize("kind", ["resnet", "wav2vec2"])
-def test_conv_lora_is_bit_identical_to_peft(tmp_path: Path, kind: str, dtype: torch.dtype, name: str) -> None:
-    base, adapter, reference = make(kind, tmp_path, dtype)
+def test_conv_lora_is_bit_identical_to_peft(
+    tmp_path: Path, kind: str, dtype: torch.dtype, name: str, dora: bool
+) -> None:
+    from safetensors.torch import load_file
+
+    base, adapter, reference = make(kind, tmp_path, dtype, use_dora=dora)
+    assert any("lora_magnitude_vector" in key for key in load_file(adapter / "adapter_model.safetensors")) == dora
     out = tmp_path / "out"
     result = merge(str(base), str(adapter), str(out), dtype=name)
     ours = read_tensors(out)

@@ -19,6 +19,7 @@ from .variants import (
     Layout,
     bias_delta,
     conv_merged,
+    dora_conv,
     dora_rows_into,
     dora_whole,
     expert_delta,
@@ -258,8 +259,12 @@ def _merge(
     a, b = a.to(compute), b.to(compute)
     magnitude = load_factor(update.pair.magnitude, reader) if update.pair.magnitude is not None else None
     if update.layout is Layout.CONV:
-        assert magnitude is None
-        _write_tensor(conv_merged(_held_source(task, reader), a, b, update.scaling), task, writer, workspace, check)
+        weight = _held_source(task, reader)
+        if magnitude is None:
+            merged = conv_merged(weight, a, b, update.scaling)
+        else:
+            merged = dora_conv(weight, a, b, update.scaling, magnitude)
+        _write_tensor(merged, task, writer, workspace, check)
         return
     if update.whole:
         assert magnitude is not None

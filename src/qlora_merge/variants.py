@@ -13,7 +13,9 @@ The layer kinds differ only in small ways, each copied from PEFT 0.21 (`tuners/l
   weight's dtype before adding it (`.to(orig_dtype)`), the one place it rounds twice.
 - MiCA (init_lora_weights="mica"): rounds the delta first on every layer kind, as embeddings do.
 - DoRA: V = W + delta; W' = m / ||V|| * V, the norm taken per output row for Linear (so it can be merged in row
-  blocks) and per column of the stored weight for Conv1D and Embedding (so those are merged whole).
+  blocks), per column of the stored weight for Conv1D and Embedding, and per output channel for convolutions
+  (those are merged whole).
+- Convolutions (nn.Conv1d/2d/3d), A (r, in, *kernel), B (out, r, 1, ...): PEFT's conv delta (conv_delta).
 - lora_bias: bias += s * lora_B.bias.
 - trainable tokens: W[indices] = delta.to(W.dtype), rows replaced rather than added to (index_copy).
 - MoE experts (target_parameters, PEFT's ParamWrapper), W (E, d1, d2): A (E*r, in) is expert-major, B (out, E*r)
@@ -143,6 +145,18 @@ def conv_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor
         return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scaling
     conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d, 5: torch.nn.functional.conv3d}[a.dim()]
     return conv(a.transpose(0, 1), b).transpose(0, 1) * scaling
+
+
+def dora_conv(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor
+) -> torch.Tensor:
+    """DoRA on a convolution, whole and unrounded, with PEFT's expressions (`DoraConvNdVariant.merge_unsafe`):
+    V = W + delta, the norm over every dim but the output channel (`V.norm(p=2, dim=(1, ...), keepdim=True)`),
+    W' = (m / norm).view(-1, 1, ...) * V. The magnitude is saved (1, out, 1, ...), as the norm's transpose."""
+    v = weight + conv_delta(a, b, scaling)
+    norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)
+    factor = magnitude.reshape(norm.shape) / norm
+    return factor.view(-1, *(1,) * (v.dim() - 1)) * v
 
 
 def conv_merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -228,8 +228,6 @@ def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTe
         raise AdapterFormatError(
             f"{path}: '{key}' lora_B {tuple(b.shape)} of a convolution LoRA must have a 1 x 1 kernel"
         )
-    if conv and "magnitude" in found:
-        raise UnsupportedAdapter(f"{path}: '{key}': DoRA on a convolution is not supported yet")
     if not conv and (len(a.shape) != 2 or len(b.shape) != 2):
         raise AdapterFormatError(
             f"{path}: '{key}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not matrices"
@@ -254,9 +252,13 @@ def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTe
     rows, cols = pair.weight_shape
     if bias is not None and tuple(bias[1].shape) != (int(b.shape[0]),):
         raise ShapeMismatch(f"{path}: '{bias[0]}' is {tuple(bias[1].shape)}, expected ({int(b.shape[0])},)")
-    if magnitude is not None and len(magnitude[1].shape) != 1:
+    if conv and magnitude is not None:  # saved as the norm's transpose: (1, out, 1, ...)
+        expected_shape = (1, rows, *(1,) * (len(a.shape) - 2))
+        if tuple(magnitude[1].shape) != expected_shape:
+            raise ShapeMismatch(f"{path}: '{magnitude[0]}' is {tuple(magnitude[1].shape)}, expected {expected_shape}")
+    elif magnitude is not None and len(magnitude[1].shape) != 1:
         raise ShapeMismatch(f"{path}: '{magnitude[0]}' is {tuple(magnitude[1].shape)}, expected a vector")
-    if magnitude is not None and int(magnitude[1].shape[0]) != (cols if embedding else rows):
+    if not conv and magnitude is not None and int(magnitude[1].shape[0]) != (cols if embedding else rows):
         expected = cols if embedding else rows
         raise ShapeMismatch(f"{path}: '{magnitude[0]}' has {magnitude[1].shape[0]} entries, expected {expected}")
     return pair
