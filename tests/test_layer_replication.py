@@ -78,3 +78,35 @@ def test_replication_beyond_the_base_layers_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MergeError, match="names layer 2, but the base has 2 layers"):
         merge(str(base), str(adapter), str(tmp_path / "out"), dtype="f32")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_decoder_layer_list_is_replicated_not_an_extra_head() -> None:
+    """A multimodal checkpoint with a one-layer `mtp.layers` beside the language model's layers: the longest list
+    is the decoder's. Copies read the base layer's bytes; other tensors keep their place."""
+    from qlora_merge.checkpoint.format import TensorEntry
+    from qlora_merge.checkpoint.index import CheckpointIndex
+    from qlora_merge.plan import replicate_layers
+
+    names = [
+        "model.language_model.embed_tokens.weight",
+        *(f"model.language_model.layers.{i}.{p}.weight" for i in range(3) for p in ("norm", "proj")),
+        "mtp.layers.0.proj.weight",
+        "model.visual.blocks.0.proj.weight",
+    ]
+    entries = {n: TensorEntry(n, "F32", (2,), Path("w.safetensors"), 8 * i, 8 * i + 8) for i, n in enumerate(names)}
+    base = CheckpointIndex(root=Path("."), files=(), tensors=entries)
+    config = {"num_hidden_layers": 3, "text_config": {"layer_types": ["a", "b", "c"]}}
+    replicated, changes = replicate_layers(base, config, ((0, 3), (2, 3), (1, 2)), Path("adapter"))
+    assert changes == {"num_hidden_layers": 5, "layer_types": ["a", "b", "c", "c", "b"]}
+    layers = [n for n in replicated.tensors if ".layers." in n and n.startswith("model.")]
+    assert [n.split(".")[3] for n in layers] == ["0", "0", "1", "1", "2", "2", "3", "3", "4", "4"]
+    assert (
+        replicated.tensors["model.language_model.layers.3.proj.weight"].start
+        == entries["model.language_model.layers.2.proj.weight"].start
+    )
+    assert (
+        replicated.tensors["model.language_model.layers.4.norm.weight"].start
+        == entries["model.language_model.layers.1.norm.weight"].start
+    )
+    order = list(replicated.tensors)
+    assert order[:1] == names[:1] and order[-2:] == names[-2:]

@@ -366,7 +366,8 @@ def replicate_layers(
             f"{adapter_path}: layer_replication needs a list of decoder layers ('model.layers.N.*'), and the base "
             "checkpoint has none"
         )
-    prefix = min(groups, key=lambda p: (p.count("."), p))
+    # The decoder's own list: the longest, then the shortest name (not `mtp.layers`, a one-layer extra head)
+    prefix = min(groups, key=lambda p: (-len(groups[p]), p.count("."), p))
     layers = groups[prefix]
     count = len(layers)
     if sorted(layers) != list(range(count)):
