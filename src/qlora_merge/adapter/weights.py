@@ -10,7 +10,6 @@ that needs its own merge rule, so it is reported by what it is rather than skipp
 
 from __future__ import annotations
 
-import pickle
 import re
 import zipfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.format import DTYPES, FLOAT_DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
+from ..checkpoint.pickled import load_plain_tensors
 from ..checkpoint.reader import TensorReader
 from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, ShapeMismatch, UnsupportedAdapter
 from ..names import ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
@@ -316,20 +316,5 @@ def _read_safetensors(path: Path) -> dict[str, AdapterTensor]:
 
 def _read_pickle(path: Path) -> dict[str, AdapterTensor]:
     """Load a .bin adapter with weights_only=True: plain tensors only, nothing is ever executed."""
-    try:
-        # mmap needs the zip format of torch >= 1.6; older .bin files are read whole (adapters are small).
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as exc:
-        if "unsupported global" in str(exc).lower():
-            raise AdapterFormatError(
-                f"{path}: refused, it pickles objects other than tensors (nothing was run; re-save it as safetensors)"
-            ) from exc
-        raise AdapterFormatError(f"{path}: not a readable torch file (corrupt or not a pickle)") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AdapterFormatError(f"{path}: not a readable torch file ({reason[:200]})") from exc
-    if not isinstance(loaded, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
-    ):
-        raise AdapterFormatError(f"{path}: expected a mapping of names to tensors")
-    return dict(loaded)
+    # mmap needs the zip format of torch >= 1.6; older .bin files are read whole (adapters are small).
+    return dict(load_plain_tensors(path, AdapterFormatError, mmap=zipfile.is_zipfile(path)))

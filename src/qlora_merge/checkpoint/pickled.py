@@ -20,7 +20,7 @@ from pathlib import Path, PosixPath
 
 import torch
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, MergeError
 from .format import TORCH_TO_NAME, encode_header
 
 
@@ -56,21 +56,7 @@ def load_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointFormatError(
             f"{path}: a legacy (pre-1.6) torch file, which cannot be memory-mapped; re-save the base as safetensors"
         )
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:
-        if "unsupported global" in str(exc).lower():
-            raise CheckpointFormatError(
-                f"{path}: refused, it pickles objects other than tensors (nothing was run; re-save it as safetensors)"
-            ) from exc
-        raise CheckpointFormatError(f"{path}: not a readable torch file (corrupt or not a pickle)") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointFormatError(f"{path}: not a readable torch file ({reason[:200]})") from exc
-    if not isinstance(loaded, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
-    ):
-        raise CheckpointFormatError(f"{path}: expected a mapping of names to tensors")
+    loaded = load_plain_tensors(path, CheckpointFormatError, mmap=True)
     for name, tensor in loaded.items():
         if tensor.dtype not in TORCH_TO_NAME or tensor.layout is not torch.strided or tensor.is_quantized:
             raise CheckpointFormatError(f"{path}: tensor '{name}' has dtype {tensor.dtype}, not one safetensors holds")
@@ -99,3 +85,24 @@ def _convert(source: Path, target: Path) -> None:
             flat = tensor.contiguous().reshape(-1)
             if flat.numel():
                 out.write(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def load_plain_tensors(path: Path, error: type[MergeError], mmap: bool) -> dict[str, torch.Tensor]:
+    """A torch file that holds a mapping of names to tensors and nothing else, loaded with weights_only=True: an
+    object that would run code when unpickled is refused (with `error`, naming the file) and never run."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():
+            raise error(
+                f"{path}: refused, it pickles objects other than tensors (nothing was run; re-save it as safetensors)"
+            ) from exc
+        raise error(f"{path}: not a readable torch file (corrupt or not a pickle)") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path}: not a readable torch file ({reason[:200]})") from exc
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise error(f"{path}: expected a mapping of names to tensors")
+    return dict(loaded)
