@@ -273,23 +273,39 @@ def _merge(
         return
     cols = task.output.shape[1]
     assert step is not None
-    out_dtype, out_size = DTYPES[task.output.dtype]
-    held = DTYPES[task.held_dtype][0]
-    round_to = held if update.round_delta else None
+    round_to = DTYPES[task.held_dtype][0] if update.round_delta else None
     for start, stop, weight in _weight_rows(task, step, ahead, workspace):
         n = stop - start
         scratch = workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
         delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch)
-        upcast = workspace.take("upcast", n * cols * 4).view(torch.float32)
-        raw = workspace.take("output", n * cols * out_size)
-        merged = raw.view(out_dtype).view(n, cols)
-        if magnitude is not None:
-            unrounded = dora_rows_into(weight, delta, magnitude[start:stop], upcast, merged)
-        else:
-            rounding = workspace.take("rounding", n * cols * held.itemsize).view(held) if round_to else None
-            unrounded = merge_rows_into(weight, delta, upcast, merged, round_delta_to=round_to, rounding=rounding)
-        check.block(merged, unrounded)
-        writer.write(memoryview(raw.numpy()))
+        block_magnitude = magnitude[start:stop] if magnitude is not None else None
+        _add_round_write(weight, delta, task, round_to, block_magnitude, writer, workspace, check)
+
+
+def _add_round_write(
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    task: TensorTask,
+    round_to: torch.dtype | None,
+    magnitude: torch.Tensor | None,
+    writer: CheckpointWriter,
+    workspace: Workspace,
+    check: ValueCheck,
+) -> None:
+    """W + delta (DoRA-scaled by `magnitude` where given; the delta first rounded to `round_to` where given) for a
+    block of rows, rounded to the output dtype, value-checked and written. `delta` is overwritten."""
+    n, cols = weight.shape
+    out_dtype, out_size = DTYPES[task.output.dtype]
+    upcast = workspace.take("upcast", n * cols * 4).view(torch.float32)
+    raw = workspace.take("output", n * cols * out_size)
+    merged = raw.view(out_dtype).view(n, cols)
+    if magnitude is not None:
+        unrounded = dora_rows_into(weight, delta, magnitude, upcast, merged)
+    else:
+        rounding = workspace.take("rounding", n * cols * round_to.itemsize).view(round_to) if round_to else None
+        unrounded = merge_rows_into(weight, delta, upcast, merged, round_delta_to=round_to, rounding=rounding)
+    check.block(merged, unrounded)
+    writer.write(memoryview(raw.numpy()))
 
 
 def _merge_experts(
@@ -306,7 +322,6 @@ def _merge_experts(
     source = task.source
     assert source is not None and task.replacement is None
     held = DTYPES[task.held_dtype][0]
-    out_dtype, out_size = DTYPES[task.output.dtype]
     in_dtype, in_size = DTYPES[source.dtype]
     rows, cols = task.output.shape[-2:]
     for expert in range(update.experts) if update.expert is None else (update.expert,):
@@ -319,14 +334,8 @@ def _merge_experts(
             reader.read_bytes_into(source.file, source.start + expert * rows * cols * in_size, raw_in)
             weight = raw_in.view(in_dtype).view(rows, cols)
         work = workspace.take("scratch", rows * cols * delta.element_size()).view(delta.dtype).view(rows, cols)
-        work.copy_(delta)  # merge_rows_into overwrites its delta; the cached one is reused
-        upcast = workspace.take("upcast", rows * cols * 4).view(torch.float32)
-        raw = workspace.take("output", rows * cols * out_size)
-        merged = raw.view(out_dtype).view(rows, cols)
-        rounding = workspace.take("rounding", rows * cols * held.itemsize).view(held)
-        unrounded = merge_rows_into(weight, work, upcast, merged, round_delta_to=held, rounding=rounding)
-        check.block(merged, unrounded)
-        writer.write(memoryview(raw.numpy()))
+        work.copy_(delta)  # the sum overwrites its delta; the cached one is reused
+        _add_round_write(weight, work, task, held, None, writer, workspace, check)
 
 
 def _replace_tokens(
