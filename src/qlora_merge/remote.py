@@ -1,0 +1,317 @@
+"""A base on the Hugging Face hub read from its headers only: config.json, the shard index and each safetensors header
+fetched with HTTP range requests, never a tensor's data (`inspect --base org/model`).
+
+The CheckpointIndex built here equals the one open_checkpoint() builds from the same files on disk (names, dtypes,
+shapes, absolute byte offsets), validated the same way, so the planner runs on it unchanged. Its file paths name the
+repo's files under a placeholder root, `org/model@<commit>`: nothing may read tensor data from them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .checkpoint.format import MAX_HEADER_BYTES, SafetensorsFile, _parse_entry
+from .checkpoint.index import CheckpointIndex, _check_complete_shard_set, _indexed, _read_index
+from .errors import CheckpointFormatError, InputNotFound, MergeError
+from .names import PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .resolve import REPO_REF, _local_dir, _split_ref, _where
+
+if TYPE_CHECKING:
+    import httpx2
+
+T = TypeVar("T")
+CONFIG_NAME = "config.json"
+# Shard headers are fetched this many at a time: two small requests each, so latency, not bandwidth, is the cost.
+PARALLEL_HEADERS = 8
+TOKEN_HINT = "pass --hf-token or set HF_TOKEN"
+
+
+class HeadersNeedNetwork(InputNotFound):
+    """HF_HUB_OFFLINE is set or the hub cannot be reached: a repo's headers cannot be read without it."""
+
+
+class HeadersNeedSafetensors(CheckpointFormatError):
+    """The repo holds its weights only in a pickle format, whose tensors cannot be listed from a byte range."""
+
+
+@dataclass(frozen=True)
+class RemoteBase:
+    """A hub base as far as its headers tell: what the planner needs, and no tensor data."""
+
+    repo_id: str
+    revision: str | None  # as asked (after '@'), None for the default branch
+    commit: str  # every file was read at this commit, so a branch moving meanwhile cannot mix two checkpoints
+    config: dict[str, Any]  # config.json, checked as a local base's is; {} when the repo has none
+    index: CheckpointIndex  # files under the placeholder root `repo_id@commit`, which exists nowhere
+    snapshot: Path | None  # the hub-cache snapshot holding the downloaded config.json and index, if any
+    header_bytes: int  # bytes read from the weight files: their headers, nothing more
+    weight_bytes: int  # the weight files' total size, which was not downloaded
+
+
+def is_repo_ref(ref: str) -> bool:
+    """Whether `ref` names a hub repo rather than a local directory (InputNotFound when it is neither, as for a
+    merge): the test that picks the headers-only path."""
+    return _local_dir(ref, "base model") is None
+
+
+def remote_base(ref: str, token: str | None = None) -> RemoteBase:
+    """`org/model[@revision]` read from the hub without downloading its weights: config.json and the shard index
+    into the hub cache (small files), then the first 8 bytes and the JSON header of each safetensors file by range
+    requests. Every failure is one MergeError line naming the repo and the file."""
+    from huggingface_hub import constants
+
+    if not REPO_REF.fullmatch(ref):
+        raise InputNotFound(f"{ref}: not a Hugging Face repo id (org/name[@revision])")
+    repo_id, revision = _split_ref(ref)
+    if constants.is_offline_mode():
+        raise HeadersNeedNetwork(
+            f"{ref}: HF_HUB_OFFLINE is set, and reading the base's safetensors headers from the hub needs the network "
+            "(unset it, or give a local directory or a repo id whose snapshot is complete in the hub cache)"
+        )
+    commit, files = _hub_call(ref, repo_id, revision, None, lambda: _model_info(repo_id, revision, token))
+    root = Path(f"{repo_id}@{commit}")
+    weight_names, expected, index_file = _weight_files(ref, repo_id, commit, files, token)
+    config, config_file = _config(ref, repo_id, commit, files, token)
+    cached = config_file or index_file
+    with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_HEADERS, len(weight_names)))) as pool:
+        fetched = list(pool.map(lambda name: _remote_header(ref, repo_id, commit, root, name, token), weight_names))
+    weight_files = tuple(header for header, _, _ in fetched)
+    index = _indexed(root, weight_files, expected, root / WEIGHTS_INDEX_NAME)
+    return RemoteBase(
+        repo_id=repo_id,
+        revision=revision,
+        commit=commit,
+        config=config,
+        index=index,
+        snapshot=cached.parent if cached else None,
+        header_bytes=sum(read for _, read, _ in fetched),
+        weight_bytes=sum(size for _, _, size in fetched),
+    )
+
+
+def _model_info(repo_id: str, revision: str | None, token: str | None) -> tuple[str, frozenset[str]]:
+    """The commit `revision` points at and the repo's file names there (one /api/models call)."""
+    from huggingface_hub import HfApi, constants
+
+    info = HfApi(endpoint=constants.ENDPOINT).model_info(repo_id, revision=revision, token=token or None)
+    if not info.sha:
+        raise MergeError(f"{repo_id}: the hub did not say which commit revision '{revision or 'main'}' is")
+    return info.sha, frozenset(sibling.rfilename for sibling in info.siblings or ())
+
+
+def _weight_files(
+    ref: str, repo_id: str, commit: str, files: frozenset[str], token: str | None
+) -> tuple[list[str], dict[str, str] | None, Path | None]:
+    """The safetensors files to read, the index's weight_map (None without an index) and the downloaded index."""
+    where = f"Hugging Face repo '{repo_id}' at {commit[:12]}"
+    if WEIGHTS_INDEX_NAME in files:
+        index_file = _download(ref, repo_id, commit, WEIGHTS_INDEX_NAME, token)
+        names, expected = _read_index(index_file)
+        for name in names:
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+                raise CheckpointFormatError(
+                    f"{ref}: {WEIGHTS_INDEX_NAME}: weight file '{name}' points outside the checkpoint directory"
+                )
+            if name not in files:
+                raise InputNotFound(f"{ref}: {name}, named by {WEIGHTS_INDEX_NAME}, is not in {where}")
+        return names, expected, index_file
+    if WEIGHTS_NAME in files:
+        return [WEIGHTS_NAME], None, None
+    shards = sorted(name for name in files if SHARD_PATTERN.fullmatch(name))
+    if shards:
+        _check_complete_shard_set(Path(f"{repo_id}@{commit}"), shards)
+        return shards, None, None
+    pickled = [name for name in PICKLE_WEIGHTS if name in files]
+    if pickled:
+        raise HeadersNeedSafetensors(
+            f"{ref}: {pickled[0]}: {where} has only pickle weights, and header-only inspection needs safetensors "
+            "(give a local directory, or merge with --dry-run, which downloads and converts them)"
+        )
+    raise CheckpointFormatError(f"{ref}: no model.safetensors or model-*-of-*.safetensors weights in {where}")
+
+
+def _config(
+    ref: str, repo_id: str, commit: str, files: frozenset[str], token: str | None
+) -> tuple[dict[str, Any], Path | None]:
+    """config.json, downloaded into the hub cache and checked as the pipeline checks a local base's."""
+    if CONFIG_NAME not in files:
+        from .pipeline import _read_base_config
+
+        return _read_base_config(Path(f"{repo_id}@{commit}")), None  # warns, as for a local base without one
+    path = _download(ref, repo_id, commit, CONFIG_NAME, token)
+    from .pipeline import _read_base_config  # imported here: the pipeline may come to import this module
+
+    return _read_base_config(path.parent), path
+
+
+def _download(ref: str, repo_id: str, commit: str, file: str, token: str | None) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+
+    return Path(
+        _hub_call(
+            ref,
+            repo_id,
+            commit,
+            file,
+            lambda: hf_hub_download(repo_id, file, revision=commit, token=token or None, endpoint=constants.ENDPOINT),
+        )
+    )
+
+
+def _remote_header(
+    ref: str, repo_id: str, commit: str, root: Path, file: str, token: str | None
+) -> tuple[SafetensorsFile, int, int]:
+    """One weight file's header, validated, from two range requests (its length, then the header itself); with the
+    bytes read and the file's size."""
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    url = hf_hub_url(repo_id, file, revision=commit, endpoint=constants.ENDPOINT)
+    headers = build_hf_headers(token=token or None)
+    path = root / file
+
+    def fetch() -> tuple[bytes, int]:
+        prefix, size = _fetch_range(url, headers, 0, 8)
+        if len(prefix) < 8:
+            raise CheckpointFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise CheckpointFormatError(f"{path}: safetensors header length {header_len} exceeds the file size {size}")
+        raw, again = _fetch_range(url, headers, 8, header_len) if header_len else (b"", size)
+        if again != size or len(raw) != header_len:
+            raise CheckpointFormatError(f"{path}: the file changed on the hub while its header was read")
+        return raw, size
+
+    raw, size = _hub_call(ref, repo_id, commit, file, fetch)
+    return parse_header(path, raw, size), 8 + len(raw), size
+
+
+def _fetch_range(url: str, headers: dict[str, str], start: int, length: int) -> tuple[bytes, int]:
+    """Bytes [start, start + length) of the file at `url` (fewer at its end) and the file's size; nothing past them
+    is read, even from a server that ignores the Range header."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session, hf_raise_for_status
+
+    wanted = {**headers, "Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
+    session = get_session()
+    with session.stream("GET", url, headers=wanted, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+        if response.status_code >= 400:
+            response.read()  # the error's message is in the (small) body
+        hf_raise_for_status(response)
+        skip = 0 if response.status_code == 206 else start  # a 200 is the whole file: skip to `start`
+        data = bytearray()
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) >= skip + length:
+                break
+        size = _file_size(response)
+    if size is None:
+        raise MergeError(f"{url}: the server did not say the file's size (no Content-Range or Content-Length)")
+    return bytes(data[skip : skip + length]), size
+
+
+def _file_size(response: httpx2.Response) -> int | None:
+    content_range = response.headers.get("Content-Range", "")
+    total = content_range.rpartition("/")[2]
+    if response.status_code == 206:
+        return int(total) if total.isdigit() else None
+    length = response.headers.get("Content-Length", "")
+    return int(length) if length.isdigit() else None
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsFile:
+    """A safetensors header (the `raw` JSON after the 8-byte length) of a file of `size` bytes, validated as
+    format.read_safetensors_header validates one read from disk.
+
+    This is the tail of read_safetensors_header, which reads the bytes itself: split there (read the bytes, then call
+    this function) format.py would serve both, and this copy would go.
+    """
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # also bad UTF-8, nesting too deep, a 5000-digit number
+        raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + len(raw)
+    data_size = size - data_start
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointFormatError(f"{path}: __metadata__ is not an object of strings")
+    entries = [_parse_entry(path, name, info, data_start, data_size) for name, info in header.items()]
+    entries.sort(key=lambda e: (e.start, e.end))
+    cursor = data_start
+    for entry in entries:
+        if entry.start < cursor:
+            raise CheckpointFormatError(f"{path}: tensor '{entry.name}' overlaps the tensor before it")
+        if entry.start > cursor:
+            raise CheckpointFormatError(f"{path}: {entry.start - cursor} unused bytes before tensor '{entry.name}'")
+        cursor = entry.end
+    if cursor != size:
+        raise CheckpointFormatError(f"{path}: {size - cursor} bytes after the last tensor (corrupt or appended to)")
+    return SafetensorsFile(path=path, tensors=tuple(entries), metadata=metadata)
+
+
+def _hub_call(ref: str, repo_id: str, revision: str | None, file: str | None, call: Callable[[], T]) -> T:
+    with _hub_errors(ref, repo_id, revision, file):
+        return call()
+
+
+@contextmanager
+def _hub_errors(ref: str, repo_id: str, revision: str | None, file: str | None) -> Iterator[None]:
+    """Every hub or network error as one line naming the repo and, when there is one, the file."""
+    import httpx2
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    of = f" (reading {file})" if file else ""
+    try:
+        yield
+    except GatedRepoError as exc:
+        raise InputNotFound(
+            f"{ref}: gated Hugging Face repo{of}: accept its terms on the hub, then {TOKEN_HINT}"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise InputNotFound(
+            f"{ref}: base model not found: no local directory{_where(ref)} and no Hugging Face repo "
+            f"'{repo_id}'{of} (if it is private, {TOKEN_HINT})"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise InputNotFound(f"{ref}: Hugging Face repo '{repo_id}' has no revision '{revision}'{of}") from exc
+    except RemoteEntryNotFoundError as exc:  # listed by the repo a moment ago, gone now
+        raise InputNotFound(f"{ref}: {file} is not in Hugging Face repo '{repo_id}' at {revision}") from exc
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.TransportError) as exc:
+        # hf_hub_download raises LocalEntryNotFoundError when the hub is unreachable and the file is not cached.
+        raise HeadersNeedNetwork(
+            f"{ref}: the hub cannot be reached{of}, and reading the base's safetensors headers needs the network "
+            f"(or give a local directory): {_first_line(exc)}"
+        ) from exc
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", None)
+        hint = f" ({TOKEN_HINT})" if status in (401, 403) else ""
+        raise InputNotFound(
+            f"{ref}: reading {file or 'the repo info'} from the hub failed: {_first_line(exc)}{hint}"
+        ) from exc
+    except HFValidationError as exc:
+        raise InputNotFound(f"{ref}: base model not found: neither a local directory nor a valid repo id") from exc
+    except OSError as exc:  # an unwritable cache, a full disk
+        raise MergeError(f"{ref}: reading {file or 'the repo'} failed: {exc}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
