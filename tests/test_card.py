@@ -13,7 +13,7 @@ from test_resolve import BASE_REPO, COMMIT, add_to_cache, hub_cache  # noqa: F40
 from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import __version__, merge
-from qlora_merge.card import Provenance, model_card
+from qlora_merge.card import AdapterSource, Provenance, model_card
 from qlora_merge.cli import main
 
 ROW = re.compile(r"^\| (\S+\.safetensors) \| ([0-9a-f]{64}) \|$", re.MULTILINE)
@@ -97,7 +97,9 @@ def test_a_hub_base_names_its_commit_and_shard_hashes_come_from_the_cache(hub_ca
 
 
 def test_a_repo_id_base_is_the_cards_base_model() -> None:
-    card = model_card(Provenance("org/base-7b@main", "org/adapter", "bf16", "9.9", "r=8, alpha=16, scaling=2"))
+    card = model_card(
+        Provenance("org/base-7b@main", (AdapterSource("org/adapter", "r=8, alpha=16, scaling=2"),), "bf16", "9.9")
+    )
     assert card.startswith('---\nbase_model: "org/base-7b"\ntags:\n')
     assert "| base model | `org/base-7b@main` |" in card and "| LoRA | r=8, alpha=16, scaling=2 |" in card
     assert "## Checksums" not in card and "## Inputs" not in card

@@ -346,3 +346,26 @@ def test_hub_errors_become_one_line(
     with pytest.raises(InputNotFound, match=expected) as caught:
         resolve_base("org/remote@v9")
     assert "\n" not in str(caught.value) and str(caught.value).startswith("org/remote@v9: ")
+
+
+def test_revision_flags(sources: tuple[Path, Path], hub_cache: Path, tmp_path: Path) -> None:
+    """--revision pins the base and --adapter-revision the adapters, as org/name@rev does; local paths refuse it."""
+    cache_repos(hub_cache, sources)
+    base, adapter = sources
+    add_to_cache(hub_cache, BASE_REPO, {p.name: p for p in base.iterdir()}, OTHER_COMMIT, "v1", True)
+    add_to_cache(hub_cache, ADAPTER_REPO, {p.name: p for p in adapter.iterdir()}, OTHER_COMMIT, "v1", True)
+    out = tmp_path / "out"
+    flags = ["--base", BASE_REPO, "--adapter", ADAPTER_REPO, "--output", str(out), "--json"]
+    code = main([*flags, "--revision", "v1", "--adapter-revision", "v1"], io.StringIO(), io.StringIO())
+    assert code == 0
+    card = (out / "README.md").read_text()
+    assert f"`{BASE_REPO}@v1` (commit `{OTHER_COMMIT}`)" in card
+    assert f"`{ADAPTER_REPO}@v1` (commit `{OTHER_COMMIT}`)" in card
+    for extra, message in (
+        (["--revision", "v2"], "at revision 'v2' is not in the hub cache"),
+        (["--base", str(base), "--revision", "v1"], "applies to Hugging Face repo ids, and this is a local path"),
+        (["--base", f"{BASE_REPO}@main", "--revision", "v1"], "names revision 'main' and --revision names 'v1'"),
+    ):
+        err = io.StringIO()
+        assert main([*flags, "--overwrite", *extra], io.StringIO(), err) == 2
+        assert message in err.getvalue() and len(err.getvalue().splitlines()) == 1

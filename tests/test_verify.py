@@ -121,3 +121,22 @@ def test_merge_with_verify_flag(merged: tuple[Path, Path, Path], tmp_path: Path)
         f"Verified: {count} tensors byte-identical to base + adapter (14 merged), no LoRA keys left"
     )
     assert lines[-1].endswith(f"Done. Merged model: {tmp_path / 'out'}")
+
+
+def test_verify_logits_on_the_command_line(merged: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """`verify --logits` adds the model-level check (qlora_merge.logits, tested there) after the tensor check: a
+    merge that passes both exits 0; a model whose weights are another adapter's merge fails both (exit 3)."""
+    base, adapter, out = merged
+    stdout, err = io.StringIO(), io.StringIO()
+    flags = ["verify", "--base", str(base), "--adapter", str(adapter), "--logits"]
+    assert main([*flags, "--merged", str(out)], stdout, err) == 0, err.getvalue()
+    assert "Verified:" in stdout.getvalue() and "Logits: max difference" in stdout.getvalue()
+    other = make_adapter(base, tmp_path / "other", "llama", seed=7)
+    merge(base, other, tmp_path / "wrong")
+    stdout, err = io.StringIO(), io.StringIO()
+    assert main([*flags, "--merged", str(tmp_path / "wrong"), "--json"], stdout, err) == 3
+    assert '"tensors_ok": false' in stdout.getvalue() and '"ok": false' in stdout.getvalue()
+    assert "logits check failed" in err.getvalue()
+    with pytest.raises(SystemExit) as usage:  # a combination has no PEFT model to compare against
+        main([*flags, "--merged", str(out), "--adapter", f"{other}:0.5"], io.StringIO(), io.StringIO())
+    assert usage.value.code == 2

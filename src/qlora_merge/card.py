@@ -15,6 +15,10 @@ HASH_CHUNK_BYTES = 8 << 20
 LFS_BLOB_NAME = re.compile(r"[0-9a-f]{64}")
 # The base's small files that pin down what it is: hashed. (Its shards are listed, see input_files.)
 BASE_FILES_HASHED = ("config.json", "model.safetensors.index.json")
+COMBINATION_TEXT = {
+    "cat": "the weighted sum of the adapters' deltas",
+    "linear": "PEFT's add_weighted_adapter linear: the factors averaged, cross terms included",
+}
 
 
 def sha256_file(path: Path) -> str:
@@ -37,18 +41,28 @@ class InputFile:
 
 
 @dataclass(frozen=True)
+class AdapterSource:
+    """One adapter the merge applied."""
+
+    ref: str  # as given: a directory or a repo id[@revision]
+    lora: str  # r, alpha, scaling and variants in a few words
+    weight: float = 1.0
+    commit: str = ""  # the hub commit the files came from, when a repo id was resolved
+
+
+@dataclass(frozen=True)
 class Provenance:
     """What the card says the merge was made from, and how."""
 
     base: str  # as given: a directory or a repo id[@revision]
-    adapter: str
+    adapters: tuple[AdapterSource, ...]
     dtype: str
     version: str
-    lora: str  # r, alpha, scaling and variants in a few words
     base_commit: str = ""  # the hub commit the files came from, when a repo id was resolved
-    adapter_commit: str = ""
     inputs: tuple[InputFile, ...] = ()
     checksums: Mapping[str, str] = field(default_factory=dict)  # output shard -> SHA-256 (only with --checksum)
+    combination: str = ""  # how several adapters were combined ("cat", "linear")
+    subtract: bool = False  # the adapters' deltas were taken out of `base` rather than added
 
 
 def snapshot_commit(directory: Path) -> str:
@@ -57,16 +71,18 @@ def snapshot_commit(directory: Path) -> str:
 
 
 def input_files(
-    base_dir: Path, base_shards: Iterable[str], adapter_dir: Path, adapter_files: Iterable[str]
+    base_dir: Path, base_shards: Iterable[str], adapters: Iterable[tuple[str, Path, Iterable[str]]]
 ) -> list[InputFile]:
-    """The adapter's files and the base's config and index, hashed (they are small); the base's shards by name and
-    size only: hashing them would read the whole base a second time, since the merge reads it tensor by tensor,
-    in parallel, not each file front to back. A shard from the hub cache gets its SHA-256 all the same, without a
-    read: git LFS names the cached blob after it."""
+    """Each adapter's files (`adapters`: the name the card gives it, its directory, its file names) and the base's
+    config and index, hashed (they are small); the base's shards by name and size only: hashing them would read
+    the whole base a second time, since the merge reads it tensor by tensor, in parallel, not each file front to
+    back. A shard from the hub cache gets its SHA-256 all the same, without a read: git LFS names the cached blob
+    after it."""
     files = [
-        InputFile("adapter", name, (adapter_dir / name).stat().st_size, sha256_file(adapter_dir / name))
-        for name in adapter_files
-        if (adapter_dir / name).is_file()
+        InputFile(source, name, (directory / name).stat().st_size, sha256_file(directory / name))
+        for source, directory, names in adapters
+        for name in names
+        if (directory / name).is_file()
     ]
     for name in BASE_FILES_HASHED:
         if (base_dir / name).is_file():
@@ -83,7 +99,22 @@ def model_card(info: Provenance) -> str:
     a local directory), provenance, the hash of each input, and the shard checksums when computed."""
     is_local = Path(info.base).exists()
     base = f"`{info.base}`" + (f" (commit `{info.base_commit}`)" if info.base_commit else "")
-    adapter = f"`{info.adapter}`" + (f" (commit `{info.adapter_commit}`)" if info.adapter_commit else "")
+    adapters = [f"`{a.ref}`" + (f" (commit `{a.commit}`)" if a.commit else "") for a in info.adapters]
+    several = len(info.adapters) > 1
+    weighted = several or any(a.weight != 1.0 for a in info.adapters)
+    if several:
+        what = "The LoRA adapters " + ", ".join(
+            f"{name} (weight {a.weight:g})" for name, a in zip(adapters, info.adapters, strict=True)
+        )
+        what += f", combined as '{info.combination}',"
+    else:
+        what = f"The LoRA adapter {adapters[0]}" + (f" (weight {info.adapters[0].weight:g})" if weighted else "")
+    what += f" {'subtracted from' if info.subtract else 'merged into'} {base}"
+    rows = []
+    for number, (name, adapter) in enumerate(zip(adapters, info.adapters, strict=True), start=1):
+        tag = f" {number}" if several else ""
+        rows.append(f"| adapter{tag} | {name}" + (f", weight {adapter.weight:g}" if weighted else "") + " |")
+        rows.append(f"| LoRA{tag} | {adapter.lora} |")
     lines = [
         "---",
         *([] if is_local else [f"base_model: {json.dumps(info.base.split('@')[0])}"]),  # JSON strings are YAML scalars
@@ -95,13 +126,14 @@ def model_card(info: Provenance) -> str:
         "",
         "# Merged model",
         "",
-        f"The LoRA adapter {adapter} merged into {base} by qlora-merge {info.version}, written as {info.dtype}.",
+        f"{what} by qlora-merge {info.version}, written as {info.dtype}.",
         "",
         "| | |",
         "|---|---|",
         f"| base model | {base} |",
-        f"| adapter | {adapter} |",
-        f"| LoRA | {info.lora} |",
+        *rows,
+        *([f"| combination | {info.combination} ({COMBINATION_TEXT.get(info.combination, '')}) |"] if several else []),
+        *(["| operation | subtracted (the adapters' deltas taken out of the base) |"] if info.subtract else []),
         f"| dtype | {info.dtype} |",
         f"| tool | qlora-merge {info.version} |",
     ]

@@ -16,9 +16,12 @@ from . import __version__
 from .axolotl import read_axolotl_config
 from .errors import MergeError
 from .inspection import AdapterReport, inspect_adapter
-from .pipeline import MergeResult, merge, verify
+from .logits import compare_logits
+from .pipeline import COMBINATIONS, MergeResult, merge, verify
 from .plan import OUTPUT_DTYPES
 from .progress import ProgressEvent, human_bytes, ignore_progress
+from .resolve import with_revision
+from .upload import UploadResult, push_to_hub, split_repo_ref
 from .verify import VerifyReport
 
 T = TypeVar("T")
@@ -56,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="local path or HF repo id (org/name[@revision]) of the full-precision base model "
         "(required unless --config)",
     )
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        help="local path or HF repo id (org/name[@revision]) of the trained LoRA adapter (required unless --config)",
-    )
+    _add_adapter_flags(parser, required=False)
     parser.add_argument(
         "--output", default=None, help="output directory for the merged model (required unless --config)"
     )
@@ -80,12 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="key layout of the base: auto (from config.json), qwen3.5 (text adapter into the multimodal "
         "checkpoint), or an architecture name (default: auto)",
     )
-    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
-    parser.add_argument(
-        "--adapter-name",
-        default=None,
-        help="which of several adapters saved in one directory (PEFT keeps non-default ones in sub-folders)",
-    )
+    _add_hub_flags(parser)
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 2GiB (default: 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     parser.add_argument(
@@ -117,10 +111,73 @@ def build_parser() -> argparse.ArgumentParser:
         help="add the SHA-256 of every output shard to the model card (README.md, always written: base, adapter, "
         "scaling, dtype, version and a hash of each input)",
     )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        default=None,
+        help="after the merge, upload the output to this Hugging Face model repo (org/name[@branch]); created if "
+        "missing (with --hf-token or HF_TOKEN)",
+    )
+    parser.add_argument(
+        "--private", action="store_true", help="with --push-to-hub: create the repo private (refused if it is public)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the stage log")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     parser.add_argument("--version", action="version", version=f"qlora-merge {__version__}")
     return parser
+
+
+def _add_adapter_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The flags that say which adapters, and how they combine: the same for a merge and its verification."""
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=required,
+        metavar="ADAPTER[:WEIGHT]",
+        help="local path or HF repo id (org/name[@revision]) of a trained LoRA adapter"
+        + ("" if required else " (required unless --config)")
+        + "; repeat it to merge several in one pass, each with an optional weight (--adapter a --adapter b:0.5)",
+    )
+    parser.add_argument(
+        "--combine",
+        default="cat",
+        choices=list(COMBINATIONS),
+        help="how several adapters combine, as PEFT's add_weighted_adapter: cat, the exact weighted sum of their "
+        "deltas (default), or linear, PEFT's averaged factors (equal ranks only)",
+    )
+    parser.add_argument(
+        "--subtract",
+        action="store_true",
+        help="take the adapters' deltas out instead: --base is a model they were merged into (plain LoRA only; "
+        "recovers the original up to rounding)",
+    )
+    parser.add_argument(
+        "--adapter-name",
+        default=None,
+        help="which of several adapters saved in one directory (PEFT keeps non-default ones in sub-folders)",
+    )
+
+
+def _add_hub_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub --base (same as org/name@rev)")
+    parser.add_argument("--adapter-revision", default=None, help="branch, tag or commit of hub --adapter repos")
+    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+
+
+def adapter_refs(values: Sequence[str]) -> list[tuple[str, float]]:
+    """--adapter values as (reference, weight): `org/name@rev:0.5` or `./dir:-1` carry a weight, unless the whole
+    text names an existing path (a directory may have a colon in its name)."""
+    refs = []
+    for text in values:
+        ref, colon, weight = text.rpartition(":")
+        if colon and ref and not Path(text).exists():
+            try:
+                refs.append((ref, float(weight)))
+                continue
+            except ValueError:
+                pass  # a colon that is part of the reference (a Windows drive, a URL-like name)
+        refs.append((text, 1.0))
+    return refs
 
 
 class StageLog:
@@ -244,12 +301,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.debug, err)
+    if args.private and args.push_to_hub is None:
+        parser.error("--private needs --push-to-hub REPO")
+    if args.push_to_hub is not None and args.dry_run:
+        parser.error("--push-to-hub uploads a finished merge; --dry-run writes none")
     if args.config is not None:
+        if args.adapter is not None and len(args.adapter) > 1:
+            parser.error("--config merges the one adapter its config names; give one --adapter to override it")
         code, settings = _guarded(
             lambda: read_axolotl_config(
                 args.config,
                 base=args.base,
-                adapter=args.adapter,
+                adapter=args.adapter[0] if args.adapter else None,
                 output_dir=args.output_dir,
                 output=args.output,
                 dtype=args.dtype,
@@ -261,7 +324,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             return code
         args.base, args.adapter, args.output, args.dtype = (
             settings.base,
-            settings.adapter,
+            [settings.adapter],
             str(settings.output),
             settings.dtype,
         )
@@ -274,20 +337,25 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             parser.error("--output_dir needs --config (it overrides the axolotl config's output_dir)")
         args.dtype = args.dtype or "bf16"
     log = StageLog(out, err, args.loader)
+    adapters = adapter_refs(args.adapter)
     if not args.json:
         log.line(f"base    : {args.base}")
-        log.line(f"adapter : {args.adapter}")
+        _adapter_lines(log, adapters, args.combine, args.subtract)
         log.line(f"output  : {args.output}")
         log.line(f"dtype   : {args.dtype}")
     code, result = _guarded(
         lambda: merge(
             args.base,
-            args.adapter,
+            adapters,
             args.output,
             dtype=args.dtype,
             loader=args.loader,
             hf_token=args.hf_token,
             adapter_name=args.adapter_name,
+            combine=args.combine,
+            subtract=args.subtract,
+            revision=args.revision,
+            adapter_revision=args.adapter_revision,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             allow_unused=args.allow_unused,
@@ -301,8 +369,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     )
     if result is None:
         return code
+    report: dict[str, object] = result.to_dict() | {"peak_rss_gb": round(_peak_rss_gb(), 3)}
     if args.json:
-        print(json.dumps(result.to_dict() | {"peak_rss_gb": round(_peak_rss_gb(), 3)}, indent=2), file=out)
+        pass  # printed last, with the verification's and the upload's outcome
     elif result.dry_run:
         _print_coverage(result, log)
     else:
@@ -312,13 +381,53 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         )
         if result.checksums:
             log.line(f"   SHA-256 of {len(result.checksums)} shard(s) in {result.output / 'README.md'}")
-    if args.verify and not result.dry_run:
-        code = _verify_and_report(args, result.output, log, err, json_out=None)
+    code = _after_merge(args, adapters, result.output, report, log, err) if not result.dry_run else 0
+    if args.json:
+        print(json.dumps(report, indent=2), file=out)
+    elif code == 0 and not result.dry_run:
+        log.line(f"{log.mark('done')} Done. Merged model: {result.output}")
+    return code
+
+
+def _after_merge(
+    args: argparse.Namespace,
+    adapters: list[tuple[str, float]],
+    output: Path,
+    report: dict[str, object],
+    log: StageLog,
+    err: TextIO,
+) -> int:
+    """--verify, then --push-to-hub (only a verified merge is uploaded); their outcome goes into `report`."""
+    if args.verify:
+        code = _verify_and_report(args, adapters, output, log, err, json_out=None)
+        report["verified"] = code == 0
         if code:
             return code
-    if not args.json and not result.dry_run:
-        log.line(f"{log.mark('done')} Done. Merged model: {result.output}")
+    if args.push_to_hub is None:
+        return 0
+    code, upload = _guarded(lambda: _push(args, output), args.debug, err)
+    if upload is None:
+        print(f"qlora-merge: the merged model is complete at {output}; only the upload failed", file=err)
+        return code
+    report["upload"] = upload.to_dict()
+    if not args.json:
+        log.line(f"{log.mark('done')} Uploaded {upload.files} files to {upload.url}")
     return 0
+
+
+def _push(args: argparse.Namespace, output: Path) -> UploadResult:
+    repo_id, branch = split_repo_ref(args.push_to_hub)
+    return push_to_hub(output, repo_id, private=args.private, token=args.hf_token, revision=branch)
+
+
+def _adapter_lines(log: StageLog, adapters: list[tuple[str, float]], combine: str, subtract: bool) -> None:
+    weighted = len(adapters) > 1 or adapters[0][1] != 1.0
+    for ref, weight in adapters:
+        log.line(f"adapter : {ref}" + (f"  (weight {weight:g})" if weighted else ""))
+    if len(adapters) > 1:
+        log.line(f"combine : {combine}")
+    if subtract:
+        log.line("subtract: the adapters' deltas are taken out of the base")
 
 
 def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
@@ -329,26 +438,68 @@ def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
         "(streaming, flat memory) and compare them byte for byte; no LoRA key may remain.",
     )
     parser.add_argument("--base", required=True, help="local path or HF repo id of the base model")
-    parser.add_argument("--adapter", required=True, help="local path or HF repo id of the LoRA adapter")
+    _add_adapter_flags(parser, required=True)
     parser.add_argument("--merged", required=True, help="the merged model directory to check")
     parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
-    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
-    parser.add_argument(
-        "--adapter-name",
-        default=None,
-        help="which of several adapters saved in one directory (PEFT keeps non-default ones in sub-folders)",
-    )
+    _add_hub_flags(parser)
     parser.add_argument("--allow-unused", action="store_true", help="as for the merge: adapter tensors may go unused")
+    parser.add_argument(
+        "--logits",
+        action="store_true",
+        help="also run a prompt through the merged model and through base + adapter (PEFT, unmerged) and compare "
+        "the logits: loads each model whole in float32; needs transformers and peft (pip install "
+        "'qlora-merge[verify]'); one adapter at weight 1",
+    )
+    parser.add_argument(
+        "--logits-tolerance",
+        type=float,
+        default=None,
+        help="largest logit difference allowed, relative to the largest logit (default: from the merged dtype, "
+        "16 unit roundoffs: 0.0625 for bf16)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     args = parser.parse_args(argv)
     _configure_logging(args.debug, err)
     log = StageLog(out, err, args.loader)
+    adapters = adapter_refs(args.adapter)
+    if args.logits and (len(adapters) > 1 or adapters[0][1] != 1.0 or args.subtract):
+        parser.error("--logits compares against PEFT's base + one adapter at weight 1, not a combination")
     if not args.json:
         log.line(f"base    : {args.base}")
-        log.line(f"adapter : {args.adapter}")
+        _adapter_lines(log, adapters, args.combine, args.subtract)
         log.line(f"merged  : {args.merged}")
-    return _verify_and_report(args, args.merged, log, err, json_out=out if args.json else None)
+    json_out = out if args.json else None
+    code = _verify_and_report(args, adapters, args.merged, log, err, json_out=None if args.logits else json_out)
+    if code == EXIT_BAD_INPUT or not args.logits:
+        return code
+    tensors_code = code
+    code, logits = _guarded(
+        lambda: compare_logits(
+            with_revision(args.base, args.revision),
+            with_revision(adapters[0][0], args.adapter_revision, "--adapter-revision"),
+            args.merged,
+            tolerance=args.logits_tolerance,
+            hf_token=args.hf_token,
+            adapter_name=args.adapter_name,
+        ),
+        args.debug,
+        err,
+    )
+    if logits is None:
+        return code
+    if json_out is not None:
+        print(json.dumps({"tensors_ok": tensors_code == 0, "logits": logits.to_dict()}, indent=2), file=json_out)
+    else:
+        mark = log.mark("done" if logits.ok else "fail")
+        log.line(
+            f"{mark} Logits: max difference {logits.max_abs_diff:.3g} ({logits.relative_diff:.3g} of the largest "
+            f"logit, tolerance {logits.tolerance:.3g}) over {logits.tokens} tokens; {logits.reason}"
+        )
+    if not logits.ok:
+        print(f"qlora-merge: logits check failed: {logits.reason}", file=err)
+        return EXIT_NOT_VERIFIED
+    return tensors_code
 
 
 def _inspect_main(argv: list[str], out: TextIO, err: TextIO) -> int:
@@ -411,19 +562,28 @@ def _describe(report: AdapterReport) -> list[str]:
 
 
 def _verify_and_report(
-    args: argparse.Namespace, merged: str | Path, log: StageLog, err: TextIO, json_out: TextIO | None
+    args: argparse.Namespace,
+    adapters: list[tuple[str, float]],
+    merged: str | Path,
+    log: StageLog,
+    err: TextIO,
+    json_out: TextIO | None,
 ) -> int:
     """verify() with the flags the merge and `verify` share; the verdict goes to the log (or the report as JSON to
     `json_out`), a failure to stderr as one line. Returns the exit code."""
     code, report = _guarded(
         lambda: verify(
             args.base,
-            args.adapter,
+            adapters,
             merged,
             loader=args.loader,
             hf_token=args.hf_token,
             adapter_name=args.adapter_name,
             allow_unused=args.allow_unused,
+            combine=args.combine,
+            subtract=args.subtract,
+            revision=args.revision,
+            adapter_revision=args.adapter_revision,
         ),
         args.debug,
         err,

@@ -99,7 +99,7 @@ def inspect_adapter(
     from .pipeline import plan_merge  # the pipeline imports much more; inspecting without a base needs none of it
 
     try:
-        inputs = plan_merge(base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True)
+        inputs = plan_merge(base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True, headers_only=True)
     except (KeyMatchError, ShapeMismatch) as exc:
         return _with_base(report, base, [str(exc)])
     mismatches = [f"'{key}' matches no tensor of the base" for key in inputs.plan.unused]

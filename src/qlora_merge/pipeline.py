@@ -7,13 +7,16 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .adapter import read_adapter
+from .adapter.combine import WeightedAdapter, adapter_to_merge, scaled_config
+from .adapter.config import LoraConfig
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
-from .card import Provenance, input_files, shard_checksums, snapshot_commit, write_card
+from .card import AdapterSource, Provenance, input_files, shard_checksums, snapshot_commit, write_card
 from .checkpoint.format import read_safetensors_header
 from .checkpoint.index import CheckpointIndex, open_checkpoint
 from .checkpoint.reader import TensorReader
@@ -37,15 +40,20 @@ from .outputs import (
 )
 from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, CoverageRow, MergePlan, TensorTask, build_plan, coverage
 from .progress import ProgressCallback, ProgressEvent, human_bytes, ignore_progress
-from .resolve import resolve_adapter, resolve_base
+from .remote import RemoteBase, is_repo_ref, remote_base
+from .resolve import resolve_adapter, resolve_base, with_revision
 from .stream import run_plan
-from .variants import lora_scaling
+from .variants import Combination, lora_scaling
 from .verify import VerifyReport, check_against_plan
 
 log = logging.getLogger(__name__)
 
 # Tensors that may be tied copies of each other are compared this many bytes at a time.
 COMPARE_CHUNK_BYTES = 8 << 20
+
+# One adapter: a directory or repo id, optionally with the weight its delta gets: ("org/style", 0.5).
+AdapterRef = str | Path | tuple[str | Path, float]
+COMBINATIONS = tuple(c.value for c in Combination)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,10 @@ class MergeResult:
     tensors_converted: int
     bytes_written: int
     tensors_replaced: int = 0
+    adapters: tuple[Path, ...] = ()  # every adapter, in the order given (`adapter` is the first)
+    adapter_weights: tuple[float, ...] = ()
+    combination: str = ""  # how several adapters were combined
+    subtract: bool = False
     dry_run: bool = False
     config_changes: dict[str, Any] = field(default_factory=dict)
     coverage: tuple[CoverageRow, ...] = ()
@@ -78,6 +90,8 @@ class MergeResult:
         for key in ("output", "base", "adapter"):
             data[key] = str(data[key])
         data["shards"] = list(self.shards)
+        data["adapters"] = [str(path) for path in self.adapters]
+        data["adapter_weights"] = list(self.adapter_weights)
         return data
 
 
@@ -86,26 +100,37 @@ class Inputs:
     """Resolved, validated inputs and the plan made from them; nothing has been written yet."""
 
     base_dir: Path
-    adapter_dir: Path
+    adapter_dirs: tuple[Path, ...]
     base_config: dict[str, Any]
     architecture: str
     plan: MergePlan
     companions: tuple[Path, ...]
     coverage: tuple[CoverageRow, ...]  # every adapter tensor and what it does to the output
-    lora: str = ""  # r, alpha, scaling and variants, for the model card
+    adapter_weights: tuple[float, ...] = ()
+    loras: tuple[str, ...] = ()  # per adapter: r, alpha, scaling and variants, for the model card
     base_shards: tuple[str, ...] = ()
-    adapter_files: tuple[str, ...] = ()  # the adapter's weights file and config
+    adapter_files: tuple[tuple[str, ...], ...] = ()  # per adapter: its weights file and config
+    combination: str = ""  # with several adapters
+    subtract: bool = False
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.adapter_dirs[0]
 
 
 def merge(
     base: str | Path,
-    adapter: str | Path,
+    adapter: AdapterRef | Sequence[AdapterRef],
     output: str | Path,
     *,
     dtype: str = "bf16",
     loader: str = "auto",
     hf_token: str | None = None,
     adapter_name: str | None = None,
+    combine: str = "cat",
+    subtract: bool = False,
+    revision: str | None = None,
+    adapter_revision: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     allow_unused: bool = False,
@@ -116,8 +141,13 @@ def merge(
 ) -> MergeResult:
     """Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint to `output`.
 
-    `base` and `adapter` are local directories or Hugging Face repo ids. Memory stays at a few tensors whatever
-    the model size. The output appears only when complete; on any error nothing is left behind.
+    `base` and `adapter` are local directories or Hugging Face repo ids (`revision` and `adapter_revision` pin
+    them to a branch, tag or commit). Memory stays at a few tensors whatever the model size. The output appears
+    only when complete; on any error nothing is left behind.
+    `adapter` may be several adapters, each optionally with a weight (`[("a", 1.0), ("b", 0.5)]`): each is planned
+    against the base on its own first, then their weighted deltas are merged in one pass, combined as PEFT's
+    `add_weighted_adapter` does (`combine`: "cat", the exact weighted sum of the deltas, or PEFT's "linear").
+    `subtract` takes the adapters' deltas out of `base` instead: `base` is then a checkpoint they were merged into.
     Every adapter tensor must update some output tensor, unless `allow_unused`. With `dry_run`, nothing is
     written: the result reports the plan (`coverage`: each adapter tensor and the tensor it changes).
     A merged or converted tensor with NaN or infinite values, or values beyond float16's range in an f16 output,
@@ -134,12 +164,15 @@ def merge(
     except ValueError as exc:
         raise MergeError(f"--max-shard-size: {exc}") from exc
     output = Path(output)
+    base = with_revision(str(base), revision)
+    refs = _adapter_refs(adapter, adapter_revision)
+    how = _combination(combine)
     if not dry_run:
         remove_stale(output)
     timings: dict[str, float] = {}
     inputs = _prepare(
-        str(base),
-        str(adapter),
+        base,
+        refs,
         output,
         dtype,
         loader,
@@ -150,6 +183,8 @@ def merge(
         progress,
         timings,
         adapter_name=adapter_name,
+        how=how,
+        subtract=subtract,
     )
     if dry_run:
         return _result(inputs, output, dtype, 0, timings, dry_run=True)
@@ -159,7 +194,7 @@ def merge(
         bytes_written, nonfinite = _write(inputs, staging, allow_nonfinite, progress, timings)
         started = time.perf_counter()
         progress(ProgressEvent("save", "start", str(output)))
-        checksums, hashes = _finish(inputs, staging, dtype, str(base), str(adapter), checksum)
+        checksums, hashes = _finish(inputs, staging, dtype, base, [ref for ref, _ in refs], checksum)
         publish(staging, output)
     except BaseException:
         discard(staging, created)
@@ -176,17 +211,22 @@ def merge(
 
 def verify(
     base: str | Path,
-    adapter: str | Path,
+    adapter: AdapterRef | Sequence[AdapterRef],
     merged: str | Path,
     *,
     loader: str = "auto",
     hf_token: str | None = None,
     adapter_name: str | None = None,
     allow_unused: bool = False,
+    combine: str = "cat",
+    subtract: bool = False,
+    revision: str | None = None,
+    adapter_revision: str | None = None,
     progress: ProgressCallback = ignore_progress,
 ) -> VerifyReport:
     """Prove that `merged` is `adapter` merged into `base`: every output tensor is derived again, streaming as a
     merge does, and compared byte for byte with the merged files, which must hold nothing else (no LoRA keys).
+    Several adapters, weights, `combine` and `subtract` mean what they mean for `merge`.
 
     The dtype is the merged checkpoint's own. A mismatch is reported in the result (`ok` is False), not raised;
     inputs that cannot be read raise MergeError as for a merge.
@@ -204,6 +244,10 @@ def verify(
         hf_token=hf_token,
         adapter_name=adapter_name,
         allow_unused=allow_unused,
+        combine=combine,
+        subtract=subtract,
+        revision=revision,
+        adapter_revision=adapter_revision,
         progress=progress,
     )
     with TensorReader() as reader:
@@ -212,20 +256,26 @@ def verify(
 
 def plan_merge(
     base: str | Path,
-    adapter: str | Path,
+    adapter: AdapterRef | Sequence[AdapterRef],
     *,
     dtype: str = "bf16",
     loader: str = "auto",
     hf_token: str | None = None,
     adapter_name: str | None = None,
     allow_unused: bool = False,
+    combine: str = "cat",
+    subtract: bool = False,
+    revision: str | None = None,
+    adapter_revision: str | None = None,
+    headers_only: bool = False,
     progress: ProgressCallback = ignore_progress,
 ) -> Inputs:
     """The inputs resolved and the merge planned, as a dry run plans it; nothing is written (`inspect --base`,
-    `verify`)."""
+    `verify`). With `headers_only`, a hub base is read from its safetensors headers over HTTP (`remote`), its
+    weights never downloaded: the plan can be checked but not run."""
     return _prepare(
-        str(base),
-        str(adapter),
+        with_revision(str(base), revision),
+        _adapter_refs(adapter, adapter_revision),
         None,
         dtype,
         loader,
@@ -236,7 +286,43 @@ def plan_merge(
         progress,
         {},
         adapter_name=adapter_name,
+        how=_combination(combine),
+        subtract=subtract,
+        headers_only=headers_only,
     )
+
+
+def _adapter_refs(adapter: AdapterRef | Sequence[AdapterRef], revision: str | None) -> list[tuple[str, float]]:
+    """Every adapter given, with its weight (1 unless given), as (reference, weight)."""
+    items: Sequence[AdapterRef]
+    if isinstance(adapter, str | Path):
+        items = [adapter]
+    elif isinstance(adapter, tuple) and len(adapter) == 2 and _is_weight(adapter[1]):
+        items = [adapter]  # type: ignore[list-item]
+    else:
+        items = adapter  # type: ignore[assignment]
+    refs = []
+    for item in items:
+        ref, weight = (item[0], item[1]) if isinstance(item, tuple) else (item, 1.0)
+        if not isinstance(ref, str | Path) or not _is_weight(weight):
+            raise MergeError(f"adapter {item!r}: expected a path or repo id, or (path or repo id, weight)")
+        if not math.isfinite(weight):
+            raise MergeError(f"{ref}: adapter weight {weight} is not a finite number")
+        refs.append((with_revision(str(ref), revision, "--adapter-revision"), float(weight)))
+    if not refs:
+        raise MergeError("no adapter given")
+    return refs
+
+
+def _is_weight(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _combination(combine: str) -> Combination:
+    try:
+        return Combination(combine)
+    except ValueError:
+        raise MergeError(f"--combine {combine!r}: expected one of {', '.join(COMBINATIONS)}") from None
 
 
 def _checkpoint_dtype(index: CheckpointIndex) -> str:
@@ -256,6 +342,10 @@ def _result(
         output=output,
         base=inputs.base_dir,
         adapter=inputs.adapter_dir,
+        adapters=inputs.adapter_dirs,
+        adapter_weights=inputs.adapter_weights,
+        combination=inputs.combination,
+        subtract=inputs.subtract,
         dtype=dtype,
         architecture=inputs.architecture,
         shards=tuple(shard.file_name for shard in plan.shards),
@@ -275,7 +365,7 @@ def _result(
 
 def _prepare(
     base: str,
-    adapter: str,
+    adapters: list[tuple[str, float]],
     output: Path | None,
     dtype: str,
     loader: str,
@@ -287,56 +377,108 @@ def _prepare(
     timings: dict[str, float],
     *,
     adapter_name: str | None = None,
+    how: Combination = Combination.CAT,
+    subtract: bool = False,
+    headers_only: bool = False,
 ) -> Inputs:
     with _stage("resolve", progress, timings) as stage:
         if output is not None:
             check_output_free(output, overwrite)
-        base_dir = resolve_base(base, hf_token)
-        adapter_dir = resolve_adapter(adapter, hf_token, adapter_name)
+        remote = _remote_base(base, hf_token) if headers_only else None
+        base_dir = remote.index.root if remote is not None else resolve_base(base, hf_token)
+        adapter_dirs = [resolve_adapter(ref, hf_token, adapter_name) for ref, _ in adapters]
         if output is not None:
-            check_not_inside(output, [base_dir], may_hold=[adapter_dir])
-        base_config = _read_base_config(base_dir)
+            check_not_inside(output, [base_dir], may_hold=adapter_dirs)
+        base_config = remote.config if remote is not None else _read_base_config(base_dir)
         resolved_loader = resolve_loader(loader, base_config)
         stage.detail = resolved_loader.architecture
     with _stage("base", progress, timings) as stage:
-        index = open_checkpoint(base_dir)
+        index = remote.index if remote is not None else open_checkpoint(base_dir)
         stage.detail = f"{len(index.tensors)} tensors in {len(index.files)} file(s), {human_bytes(index.total_bytes)}"
+        if remote is not None:
+            stage.detail += f", headers only: {human_bytes(remote.header_bytes)} read from the hub"
     with _stage("tokenizer", progress, timings) as stage:
-        from_adapter = adapter_tokenizer_files(adapter_dir)
+        from_adapter = _adapters_tokenizer(adapter_dirs)
         overridden = {p.name for p in from_adapter} | {"config.json"}
-        companions = [p for p in companion_files(base_dir, index.weight_file_names) if p.name not in overridden]
+        on_disk = companion_files(base_dir, index.weight_file_names) if remote is None else []
+        companions = [p for p in on_disk if p.name not in overridden]
         stage.detail = f"{len(companions) + len(from_adapter)} files" + (
             f", tokenizer from the adapter ({len(from_adapter)} files)" if from_adapter else ""
         )
     with _stage("adapter", progress, timings) as stage:
-        config, weights = read_adapter(adapter_dir)
+        read = [
+            WeightedAdapter(*read_adapter(directory), weight)
+            for directory, (_, weight) in zip(adapter_dirs, adapters, strict=True)
+        ]
         with TensorReader() as reader:
-            plan = build_plan(
-                index,
-                base_config,
-                config,
-                weights,
-                resolved_loader,
-                dtype,
-                max_shard_bytes,
-                allow_unused=allow_unused,
-                same_values=lambda x, y, transpose: _same_values(x, y, transpose, reader),
-            )
+
+            def plan_for(config: LoraConfig, weights: AdapterWeights) -> MergePlan:
+                return build_plan(
+                    index,
+                    base_config,
+                    config,
+                    weights,
+                    resolved_loader,
+                    dtype,
+                    max_shard_bytes,
+                    allow_unused=allow_unused,
+                    same_values=lambda x, y, transpose: _same_values(x, y, transpose, reader),
+                )
+
+            if len(read) > 1:  # each against the base on its own first: its errors name its own files
+                for adapter in read:
+                    plan_for(scaled_config(adapter), adapter.weights)
+            config, weights = adapter_to_merge(read, how, subtract)
+            plan = plan_for(config, weights)
         rows = coverage(plan, weights)
-        stage.detail = _adapter_detail(config, weights)
-        lora = _lora_summary(config, weights)
+        stage.detail = _adapter_detail(config, weights) if len(read) == 1 else _combined_detail(read, how, subtract)
     return Inputs(
         base_dir=base_dir,
-        adapter_dir=adapter_dir,
+        adapter_dirs=tuple(adapter_dirs),
         base_config=base_config,
         architecture=resolved_loader.architecture,
         plan=plan,
         companions=tuple(companions + from_adapter),
         coverage=tuple(rows),
-        lora=lora,
+        adapter_weights=tuple(weight for _, weight in adapters),
+        loras=tuple(_lora_summary(adapter.config, adapter.weights) for adapter in read),
         base_shards=tuple(sorted(index.weight_file_names)),
-        adapter_files=(weights.path.name, ADAPTER_CONFIG_NAME),
+        adapter_files=tuple((adapter.weights.path.name, ADAPTER_CONFIG_NAME) for adapter in read),
+        combination=how.value if len(read) > 1 else "",
+        subtract=subtract,
     )
+
+
+def _remote_base(base: str, hf_token: str | None) -> RemoteBase | None:
+    """A hub base read from its headers, when `base` is a repo id and the hub may be asked; else None (a local
+    directory, or HF_HUB_OFFLINE, where a complete cached snapshot still serves)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or not is_repo_ref(base):
+        return None
+    return remote_base(base, hf_token)
+
+
+def _adapters_tokenizer(adapter_dirs: list[Path]) -> list[Path]:
+    """The tokenizer files saved with the adapters, which replace the base's: the first adapter's that has any.
+    Another adapter's different tokenizer is reported, since the merged model can only have one."""
+    chosen: list[Path] = []
+    for directory in adapter_dirs:
+        files = adapter_tokenizer_files(directory)
+        if not chosen:
+            chosen = files
+            continue
+        mine = {p.name: p.read_bytes() for p in chosen}
+        if files and any(mine.get(p.name) != p.read_bytes() for p in files):
+            log.warning("%s: its tokenizer differs from %s's, which the merged model gets", directory, chosen[0].parent)
+    return chosen
+
+
+def _combined_detail(adapters: list[WeightedAdapter], how: Combination, subtract: bool) -> str:
+    weights = ", ".join(f"{adapter.weight:g}" for adapter in adapters)
+    modules = len({module for adapter in adapters for module in adapter.weights.pairs})
+    verb = "subtracted" if subtract else "combined"
+    return f"{len(adapters)} adapters {verb} ({how.value}, weights {weights}), {modules} LoRA modules"
 
 
 def _reshaped(plan: MergePlan) -> list[str]:
@@ -463,7 +605,7 @@ def _write(
 
 
 def _finish(
-    inputs: Inputs, staging: Path, dtype: str, base: str, adapter: str, checksum: bool
+    inputs: Inputs, staging: Path, dtype: str, base: str, adapters: list[str], checksum: bool
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Companion files, config.json, a re-read of what was written before it may be published, and the model card
     (README.md) with the hash of each input and, with `checksum`, each shard's SHA-256. Returns the shard
@@ -474,18 +616,30 @@ def _finish(
     if inputs.base_config:
         write_config(inputs.base_config, TORCH_DTYPE_NAMES[OUTPUT_DTYPES[dtype]], staging, inputs.plan.config_changes)
     _check_written(inputs.plan, staging)
-    files = input_files(inputs.base_dir, inputs.base_shards, inputs.adapter_dir, inputs.adapter_files)
+    several = len(inputs.adapter_dirs) > 1
+    sources = [
+        (f"adapter {number}" if several else "adapter", directory, names)
+        for number, (directory, names) in enumerate(
+            zip(inputs.adapter_dirs, inputs.adapter_files, strict=True), start=1
+        )
+    ]
+    files = input_files(inputs.base_dir, inputs.base_shards, sources)
     checksums = shard_checksums(staging, [shard.file_name for shard in inputs.plan.shards]) if checksum else {}
     provenance = Provenance(
         base=base,
-        adapter=adapter,
+        adapters=tuple(
+            AdapterSource(ref, lora, weight, snapshot_commit(directory))
+            for ref, lora, weight, directory in zip(
+                adapters, inputs.loras, inputs.adapter_weights, inputs.adapter_dirs, strict=True
+            )
+        ),
         dtype=dtype,
         version=__version__,
-        lora=inputs.lora,
         base_commit=snapshot_commit(inputs.base_dir),
-        adapter_commit=snapshot_commit(inputs.adapter_dir),
         inputs=tuple(files),
         checksums=checksums,
+        combination=inputs.combination,
+        subtract=inputs.subtract,
     )
     write_card(staging, provenance)
     return checksums, {f"{f.source}/{f.name}": f.sha256 for f in files if f.sha256}

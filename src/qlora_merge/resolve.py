@@ -41,6 +41,22 @@ DEFAULT_ADAPTER = "default"
 UNINDEXED_WEIGHTS = [WEIGHTS_NAME, SHARD_GLOB]
 
 
+def with_revision(ref: str, revision: str | None, flag: str = "--revision") -> str:
+    """`ref` pinned to `revision` (`org/name@revision`): the same as writing it in the reference itself."""
+    if revision is None:
+        return ref
+    if Path(ref).expanduser().exists():
+        raise MergeError(f"{ref}: {flag} applies to Hugging Face repo ids, and this is a local path")
+    match = REPO_REF.fullmatch(ref)
+    if match is None:
+        raise InputNotFound(f"{ref}: not found, and not a repo id ({flag} {revision} needs one)")
+    if match["revision"] is not None and match["revision"] != revision:
+        raise MergeError(f"{ref}: names revision '{match['revision']}' and {flag} names '{revision}'; give one")
+    if not REPO_REF.fullmatch(f"{match['repo_id']}@{revision}"):
+        raise MergeError(f"{flag} {revision!r}: not a branch, tag, commit or refs/pr/N")
+    return f"{match['repo_id']}@{revision}"
+
+
 def resolve_base(ref: str, token: str | None = None) -> Path:
     """A local checkpoint dir as is; a repo id downloaded: metadata first, then only the shards its index names."""
     local = _local_dir(ref, "base model")

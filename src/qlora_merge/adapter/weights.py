@@ -23,7 +23,7 @@ from ..checkpoint.pickled import load_plain_tensors
 from ..checkpoint.reader import TensorReader
 from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, ShapeMismatch, UnsupportedAdapter
 from ..names import ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
-from ..variants import adapter_dtype
+from ..variants import Combination, adapter_dtype, combined_factor
 
 PEFT_PREFIX = "base_model.model."
 TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"
@@ -47,8 +47,24 @@ _WRAPPERS = re.compile(r"\.(base_layer|token_adapter|modules_to_save\.[^.]+)(?=\
 # (`lm_head.original_module.weight`). PEFT's merged model uses neither when `lm_head.weight` is there.
 _SECONDARY = re.compile(r"(.+)\.(modules_to_save|original_module)\.([^.]+)")
 
-# A tensor of the adapter file: lazily read from a safetensors file, or already in memory from a .bin file.
-AdapterTensor = TensorEntry | torch.Tensor
+
+@dataclass(frozen=True)
+class CombinedFactor:
+    """A LoRA factor of several adapters combined into one (see `variants.combined_factor`), computed from their
+    factors when it is read, so a combination holds no more in memory than one module's factors at a time."""
+
+    how: Combination
+    side: str  # "a" or "b"
+    parts: tuple[TensorEntry | torch.Tensor, ...]
+    multipliers: tuple[tuple[float, ...], ...]  # per part
+    rank: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+# A tensor of the adapter file: lazily read from a safetensors file, or already in memory from a .bin file; or
+# a factor of several adapters combined.
+AdapterTensor = TensorEntry | torch.Tensor | CombinedFactor
 
 
 @dataclass(frozen=True)
@@ -265,7 +281,9 @@ def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTe
 
 
 def _dtype_name(tensor: AdapterTensor) -> str:
-    return tensor.dtype if isinstance(tensor, TensorEntry) else TORCH_TO_NAME.get(tensor.dtype, str(tensor.dtype))
+    if isinstance(tensor, TensorEntry):
+        return tensor.dtype
+    return TORCH_TO_NAME.get(tensor.dtype, str(tensor.dtype))
 
 
 def _check_float(path: Path, key: str, tensor: AdapterTensor) -> None:
@@ -281,7 +299,10 @@ def load_factor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
 
 
 def read_tensor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:
-    """An adapter tensor as saved (its own dtype)."""
+    """An adapter tensor as saved (its own dtype); a combined factor computed from its parts as loaded."""
+    if isinstance(tensor, CombinedFactor):
+        factors = [load_factor(part, reader) for part in tensor.parts]
+        return combined_factor(tensor.how, tensor.side, factors, list(tensor.multipliers), tensor.rank)
     return reader.read(tensor) if isinstance(tensor, TensorEntry) else tensor
 
 
@@ -289,8 +310,8 @@ def read_chunks(tensor: AdapterTensor, reader: TensorReader, nbytes: int) -> Ite
     """An adapter tensor's values as saved, flattened, about `nbytes` at a time (whole elements); each chunk is
     valid until the next one is asked for."""
     if not isinstance(tensor, TensorEntry):
-        flat = tensor.reshape(-1)
-        count = max(nbytes // tensor.element_size(), 1)
+        flat = read_tensor(tensor, reader).reshape(-1)
+        count = max(nbytes // flat.element_size(), 1)
         for start in range(0, flat.numel(), count):
             yield flat[start : start + count]
         return
