@@ -37,3 +37,26 @@ class OutputError(MergeError):
 
 class NonFiniteValues(MergeError):
     """A merged or converted tensor holds NaN or infinite values, or values beyond float16's range."""
+
+
+class MissingDependency(MergeError):
+    """An optional package a requested feature needs is not installed."""
+
+
+class UploadError(MergeError):
+    """A merge that cannot be pushed: not a finished output, a bad repo id, offline, or refused by the hub."""
+
+
+class HeadersNeedNetwork(InputNotFound):
+    """HF_HUB_OFFLINE is set or the hub cannot be reached: a repo's headers cannot be read without it."""
+
+
+class HeadersNeedSafetensors(CheckpointFormatError):
+    """The repo holds its weights only in a pickle format, whose tensors cannot be listed from a byte range."""
+
+
+def first_line(error: object) -> str:
+    """The first non-blank line of an error's message (stripped), or its type's name when it has none: what a
+    one-line MergeError quotes of an exception from another library."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .checkpoint.index import open_checkpoint
-from .errors import CheckpointFormatError, InputNotFound, MergeError
+from .errors import CheckpointFormatError, InputNotFound, MergeError, MissingDependency
 from .resolve import resolve_adapter, resolve_base
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,6 @@ ROUNDOFF_MARGIN = 16
 TOLERANCE_FLOOR = 1e-4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 MISSING_DEPENDENCIES = "the logits check needs transformers and peft (pip install 'qlora-merge[verify]')"
-
-
-class MissingDependency(MergeError):
-    """An optional package a requested feature needs is not installed."""
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,6 @@ repo's files under a placeholder root, `org/model@<commit>`: nothing may read te
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,9 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .checkpoint.format import MAX_HEADER_BYTES, SafetensorsFile, _parse_entry
-from .checkpoint.index import CheckpointIndex, _check_complete_shard_set, _indexed, _read_index
-from .errors import CheckpointFormatError, InputNotFound, MergeError
+from .checkpoint.format import SafetensorsFile, header_length, parse_safetensors_header
+from .checkpoint.index import CheckpointIndex, check_complete_shard_set, indexed, read_index
+from .errors import (
+    CheckpointFormatError,
+    HeadersNeedNetwork,
+    HeadersNeedSafetensors,
+    InputNotFound,
+    MergeError,
+    first_line,
+)
 from .names import PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from .resolve import REPO_REF, _local_dir, _split_ref, _where
 
@@ -31,14 +36,6 @@ CONFIG_NAME = "config.json"
 # Shard headers are fetched this many at a time: two small requests each, so latency, not bandwidth, is the cost.
 PARALLEL_HEADERS = 8
 TOKEN_HINT = "pass --hf-token or set HF_TOKEN"
-
-
-class HeadersNeedNetwork(InputNotFound):
-    """HF_HUB_OFFLINE is set or the hub cannot be reached: a repo's headers cannot be read without it."""
-
-
-class HeadersNeedSafetensors(CheckpointFormatError):
-    """The repo holds its weights only in a pickle format, whose tensors cannot be listed from a byte range."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +80,7 @@ def remote_base(ref: str, token: str | None = None) -> RemoteBase:
     with ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_HEADERS, len(weight_names)))) as pool:
         fetched = list(pool.map(lambda name: _remote_header(ref, repo_id, commit, root, name, token), weight_names))
     weight_files = tuple(header for header, _, _ in fetched)
-    index = _indexed(root, weight_files, expected, root / WEIGHTS_INDEX_NAME)
+    index = indexed(root, weight_files, expected, root / WEIGHTS_INDEX_NAME)
     return RemoteBase(
         repo_id=repo_id,
         revision=revision,
@@ -113,7 +110,7 @@ def _weight_files(
     where = f"Hugging Face repo '{repo_id}' at {commit[:12]}"
     if WEIGHTS_INDEX_NAME in files:
         index_file = _download(ref, repo_id, commit, WEIGHTS_INDEX_NAME, token)
-        names, expected = _read_index(index_file)
+        names, expected = read_index(index_file)
         for name in names:
             if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
                 raise CheckpointFormatError(
@@ -126,7 +123,7 @@ def _weight_files(
         return [WEIGHTS_NAME], None, None
     shards = sorted(name for name in files if SHARD_PATTERN.fullmatch(name))
     if shards:
-        _check_complete_shard_set(Path(f"{repo_id}@{commit}"), shards)
+        check_complete_shard_set(Path(f"{repo_id}@{commit}"), shards)
         return shards, None, None
     pickled = [name for name in PICKLE_WEIGHTS if name in files]
     if pickled:
@@ -179,18 +176,14 @@ def _remote_header(
 
     def fetch() -> tuple[bytes, int]:
         prefix, size = _fetch_range(url, headers, 0, 8)
-        if len(prefix) < 8:
-            raise CheckpointFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointFormatError(f"{path}: safetensors header length {header_len} exceeds the file size {size}")
+        header_len = header_length(path, prefix, size)
         raw, again = _fetch_range(url, headers, 8, header_len) if header_len else (b"", size)
         if again != size or len(raw) != header_len:
             raise CheckpointFormatError(f"{path}: the file changed on the hub while its header was read")
         return raw, size
 
     raw, size = _hub_call(ref, repo_id, commit, file, fetch)
-    return parse_header(path, raw, size), 8 + len(raw), size
+    return parse_safetensors_header(path, raw, size), 8 + len(raw), size
 
 
 def _fetch_range(url: str, headers: dict[str, str], start: int, length: int) -> tuple[bytes, int]:
@@ -224,39 +217,6 @@ def _file_size(response: httpx2.Response) -> int | None:
         return int(total) if total.isdigit() else None
     length = response.headers.get("Content-Length", "")
     return int(length) if length.isdigit() else None
-
-
-def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsFile:
-    """A safetensors header (the `raw` JSON after the 8-byte length) of a file of `size` bytes, validated as
-    format.read_safetensors_header validates one read from disk.
-
-    This is the tail of read_safetensors_header, which reads the bytes itself: split there (read the bytes, then call
-    this function) format.py would serve both, and this copy would go.
-    """
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # also bad UTF-8, nesting too deep, a 5000-digit number
-        raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object")
-    data_start = 8 + len(raw)
-    data_size = size - data_start
-    metadata = header.pop("__metadata__", None)
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointFormatError(f"{path}: __metadata__ is not an object of strings")
-    entries = [_parse_entry(path, name, info, data_start, data_size) for name, info in header.items()]
-    entries.sort(key=lambda e: (e.start, e.end))
-    cursor = data_start
-    for entry in entries:
-        if entry.start < cursor:
-            raise CheckpointFormatError(f"{path}: tensor '{entry.name}' overlaps the tensor before it")
-        if entry.start > cursor:
-            raise CheckpointFormatError(f"{path}: {entry.start - cursor} unused bytes before tensor '{entry.name}'")
-        cursor = entry.end
-    if cursor != size:
-        raise CheckpointFormatError(f"{path}: {size - cursor} bytes after the last tensor (corrupt or appended to)")
-    return SafetensorsFile(path=path, tensors=tuple(entries), metadata=metadata)
 
 
 def _hub_call(ref: str, repo_id: str, revision: str | None, file: str | None, call: Callable[[], T]) -> T:
@@ -299,19 +259,15 @@ def _hub_errors(ref: str, repo_id: str, revision: str | None, file: str | None) 
         # hf_hub_download raises LocalEntryNotFoundError when the hub is unreachable and the file is not cached.
         raise HeadersNeedNetwork(
             f"{ref}: the hub cannot be reached{of}, and reading the base's safetensors headers needs the network "
-            f"(or give a local directory): {_first_line(exc)}"
+            f"(or give a local directory): {first_line(exc)}"
         ) from exc
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
         hint = f" ({TOKEN_HINT})" if status in (401, 403) else ""
         raise InputNotFound(
-            f"{ref}: reading {file or 'the repo info'} from the hub failed: {_first_line(exc)}{hint}"
+            f"{ref}: reading {file or 'the repo info'} from the hub failed: {first_line(exc)}{hint}"
         ) from exc
     except HFValidationError as exc:
         raise InputNotFound(f"{ref}: base model not found: neither a local directory nor a valid repo id") from exc
     except OSError as exc:  # an unwritable cache, a full disk
         raise MergeError(f"{ref}: reading {file or 'the repo'} failed: {exc}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import MergeError
+from .errors import UploadError, first_line
 from .names import WEIGHTS_INDEX_NAME
 
 if TYPE_CHECKING:
@@ -37,10 +37,6 @@ IGNORE_PATTERNS = (".*", "*/.*")
 UNPUBLISHED_DIR = re.compile(r"\..+\.(?:partial|old)-\d+-.*")
 CONFIG_NAME = "config.json"
 TOKEN_HINT = "pass --hf-token or set HF_TOKEN (or run `hf auth login`)"
-
-
-class UploadError(MergeError):
-    """A merge that cannot be pushed: not a finished output, a bad repo id, offline, or refused by the hub."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +174,7 @@ def check_repo_id(repo_id: str, revision: str | None = None) -> None:
     try:
         validate_repo_id(repo_id)  # the hub's own rules: length, "--", "..", ".git"
     except HFValidationError as exc:
-        raise UploadError(f"{repo_id}: not a valid hub repo id: {_first_line(exc)}") from exc
+        raise UploadError(f"{repo_id}: not a valid hub repo id: {first_line(exc)}") from exc
     if revision is not None and not BRANCH.fullmatch(revision):
         raise UploadError(f"{repo_id}: {revision!r} is not a branch name")
 
@@ -228,7 +224,7 @@ def _visibility(api: HfApi, repo_id: str, token: str | None, private: bool) -> b
     try:
         actual = getattr(api.repo_info(repo_id, repo_type="model", token=token), "private", None)
     except HfHubHTTPError as exc:  # only informative: the upload itself reports what matters
-        log.warning("%s: could not read the repo's visibility (%s)", repo_id, _first_line(exc))
+        log.warning("%s: could not read the repo's visibility (%s)", repo_id, first_line(exc))
         return None
     if private and actual is False:
         log.warning(
@@ -289,21 +285,16 @@ def _upload_error(exc: Exception, repo_id: str, revision: str | None, step: str)
         code = f" (HTTP {status})" if status else ""
         return UploadError(f"{failed}{code}: {_server_message(exc)}")
     if isinstance(exc, _network_errors()):
-        return UploadError(f"{failed}: the hub cannot be reached (no network?): {_first_line(exc)}; run again")
+        return UploadError(f"{failed}: the hub cannot be reached (no network?): {first_line(exc)}; run again")
     if isinstance(exc, HFValidationError):
-        return UploadError(f"{failed}: {_first_line(exc)}")
+        return UploadError(f"{failed}: {first_line(exc)}")
     if isinstance(exc, OSError):  # a file that vanished or cannot be read while uploading
         return UploadError(
-            f"{failed}: {exc.strerror or _first_line(exc)}" + (f" ({exc.filename})" if exc.filename else "")
+            f"{failed}: {exc.strerror or first_line(exc)}" + (f" ({exc.filename})" if exc.filename else "")
         )
     return None
 
 
 def _server_message(exc: Exception) -> str:
     message = getattr(exc, "server_message", None)
-    return _first_line(message) if message else _first_line(exc)
-
-
-def _first_line(exc: object) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return first_line(message) if message else first_line(exc)

@@ -71,24 +71,34 @@ def read_safetensors_header(path: Path) -> SafetensorsFile:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CheckpointFormatError(
-                    f"{path}: safetensors header length {header_len} exceeds the file size {size}"
-                )
+            header_len = header_length(path, f.read(8), size)
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return parse_safetensors_header(path, raw, size)
+
+
+def header_length(path: Path, prefix: bytes, size: int) -> int:
+    """The header length that the first 8 bytes (`prefix`) of a safetensors file of `size` bytes give, checked to
+    fit the file (and MAX_HEADER_BYTES) before that many bytes are read."""
+    if len(prefix) < 8:
+        raise CheckpointFormatError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+    (header_len,) = struct.unpack_from("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise CheckpointFormatError(f"{path}: safetensors header length {header_len} exceeds the file size {size}")
+    return header_len
+
+
+def parse_safetensors_header(path: Path, raw: bytes, size: int) -> SafetensorsFile:
+    """A safetensors header (`raw`, the JSON after the 8-byte length) of a file of `size` bytes, validated: every
+    entry well formed, tensors back to back from the start of the data to the end of the file."""
     try:
         header = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # also bad UTF-8, nesting too deep, a 5000-digit number
         raise CheckpointFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: safetensors header is not a JSON object")
-    data_start = 8 + header_len
+    data_start = 8 + len(raw)
     data_size = size - data_start
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata

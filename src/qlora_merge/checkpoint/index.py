@@ -51,15 +51,15 @@ def open_checkpoint(root: Path) -> CheckpointIndex:
     if pickled and ((root / PICKLE_INDEX_NAME).is_file() or (root / PICKLE_NAME).is_file()):
         index_path = root / PICKLE_INDEX_NAME
         if index_path.is_file():
-            file_names, expected = _read_index(index_path)
+            file_names, expected = read_index(index_path)
         else:
             file_names, expected = [PICKLE_NAME], None
         sources = [_inside(root, name, index_path) for name in file_names]
         files = tuple(read_safetensors_header(path) for path in convert_pickle_shards(sources))
         # The index's names are not checked against the files: a tied weight pickled twice is converted once.
-        return _indexed(root, files, None, index_path)
+        return indexed(root, files, None, index_path)
     if index_path.is_file():
-        file_names, expected = _read_index(index_path)
+        file_names, expected = read_index(index_path)
     elif (root / WEIGHTS_NAME).is_file():
         file_names, expected = [WEIGHTS_NAME], None
     else:
@@ -73,15 +73,17 @@ def open_checkpoint(root: Path) -> CheckpointIndex:
                     "safetensors checkpoints and pytorch_model.bin (or shards with pytorch_model.bin.index.json)"
                 )
             raise CheckpointFormatError(f"{root}: no model.safetensors or model-*-of-*.safetensors weights found")
-        _check_complete_shard_set(root, file_names)
+        check_complete_shard_set(root, file_names)
 
     files = tuple(read_safetensors_header(_inside(root, name, index_path)) for name in file_names)
-    return _indexed(root, files, expected, index_path)
+    return indexed(root, files, expected, index_path)
 
 
-def _indexed(
+def indexed(
     root: Path, files: tuple[SafetensorsFile, ...], expected: dict[str, str] | None, index_path: Path
 ) -> CheckpointIndex:
+    """The CheckpointIndex of `root`'s weight `files` (headers already read and validated): no tensor in two files,
+    every tensor where the index's weight_map (`expected`, None without an index) says, and at least one tensor."""
     tensors: dict[str, TensorEntry] = {}
     for weight_file in files:
         for entry in weight_file.tensors:
@@ -100,7 +102,8 @@ def _indexed(
     return CheckpointIndex(root=root, files=files, tensors=tensors)
 
 
-def _read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
+def read_index(index_path: Path) -> tuple[list[str], dict[str, str]]:
+    """A shard index's weight file names (in first-mention order) and its weight_map, checked to be well formed."""
     try:
         data = json.loads(index_path.read_text())
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8 and invalid JSON
@@ -130,7 +133,8 @@ def _hub_blob(root: Path, candidate: Path) -> bool:
     return root.parent.name == "snapshots" and candidate.resolve().parent == (root.parent.parent / "blobs").resolve()
 
 
-def _check_complete_shard_set(root: Path, file_names: list[str]) -> None:
+def check_complete_shard_set(root: Path, file_names: list[str]) -> None:
+    """`file_names` (model-NNNNN-of-MMMMM.safetensors) are one set, with no shard missing."""
     totals = {SHARD_PATTERN.fullmatch(name).group(2) for name in file_names}  # type: ignore[union-attr]
     if len(totals) != 1:
         raise CheckpointFormatError(f"{root}: shards from different sets: {', '.join(file_names)}")
