@@ -1,4 +1,4 @@
-"""Generate the tiny bundled example under ``examples/tiny-llama``: a sharded base model and a LoRA adapter.
+"""Generate the tiny bundled example under ``examples/tiny-llama``: a sharded base model and two LoRA adapters.
 
 The output is deterministic: running the script twice yields byte-identical safetensors files.
 
@@ -31,6 +31,8 @@ VOCAB_SIZE = 1024
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 BASE_SEED = 0
 ADAPTER_SEED = 1
+# A second, smaller adapter on the attention only, for the several-adapters example: (r, alpha, targets, seed).
+SECOND_ADAPTER = (4, 8, ["q_proj", "v_proj"], 2)
 LORA_STD = 0.02
 NUM_SHARDS = 2
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -138,18 +140,25 @@ def save_base(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, base_
         raise RuntimeError(f"expected {NUM_SHARDS} shards and an index in {base_dir}, got {shards}")
 
 
-def build_adapter(base_dir: Path, adapter_dir: Path) -> None:
+def build_adapter(
+    base_dir: Path,
+    adapter_dir: Path,
+    r: int = 8,
+    alpha: int = 16,
+    targets: list[str] = TARGET_MODULES,
+    seed: int = ADAPTER_SEED,
+) -> None:
     """Attach a LoRA adapter to the saved base, fill it with seeded noise and save it."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
     lora_config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        target_modules=TARGET_MODULES,
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora_config)
-    generator = torch.Generator().manual_seed(ADAPTER_SEED)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in sorted(peft_model.named_parameters()):
             if "lora_A" in name or "lora_B" in name:
@@ -195,15 +204,18 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     base_dir: Path = args.out / "base"
     adapter_dir: Path = args.out / "adapter"
-    for directory in (base_dir, adapter_dir):
+    second_dir: Path = args.out / "adapter-attention"
+    for directory in (base_dir, adapter_dir, second_dir):
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
 
     tokenizer = build_tokenizer()
     save_base(build_base(tokenizer), tokenizer, base_dir)
     build_adapter(base_dir, adapter_dir)
-    diff = verify(base_dir, adapter_dir)
-    print(f"wrote {base_dir} and {adapter_dir}; max |adapted - base| logit difference = {diff:.4g}")
+    build_adapter(base_dir, second_dir, *SECOND_ADAPTER)
+    for directory in (adapter_dir, second_dir):
+        diff = verify(base_dir, directory)
+        print(f"wrote {directory}; max |adapted - base| logit difference = {diff:.4g}")
 
 
 if __name__ == "__main__":

@@ -373,3 +373,23 @@ def test_push_to_hub_after_the_merge(llama: dict[str, Path], tmp_path: Path, mon
     with pytest.raises(SystemExit) as usage:  # --private alone is a usage error
         run_cli(*flags, "--overwrite", "--private")
     assert usage.value.code == 2
+
+
+@pytest.mark.parametrize("how", ["cat", "linear"])
+def test_conv1d_and_embedding_loras_combine_as_peft(tmp_path: Path, how: str) -> None:
+    """GPT-2's Conv1D layers (stored transposed) and an embedding LoRA (lora_embedding_A/B), both adapters on
+    both: PEFT's combination, bit for bit. GPT-2 ties its head to wte: the unmerged model's head never sees the
+    embedding LoRA, so the head is written untied with the base's values (PEFT's merge would add the delta to the
+    shared tensor, head included: see test_tied.py)."""
+    base = make_base("gpt2", tmp_path / "base", dtype=torch.float32)
+    modules = ["c_attn", "c_fc", "wte"]
+    first = make_adapter(base, tmp_path / "a", "gpt2", seed=1, target_modules=modules)
+    second = make_adapter(base, tmp_path / "b", "gpt2", seed=2, target_modules=modules, lora_alpha=3)
+    adapters = [(first, 0.8), (second, -0.6)]
+    result = merge(base, adapters, tmp_path / "out", dtype="f32", combine=how)
+    ours = read_tensors(tmp_path / "out")
+    head = ours.pop("lm_head.weight")
+    assert torch.equal(head, read_tensors(base)["transformer.wte.weight"])
+    assert_same_tensors(ours, saved_names(peft_combined(base, adapters, how), ours))
+    assert any("embedding" in row.action for row in result.coverage)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False

@@ -493,8 +493,7 @@ def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     else:
         mark = log.mark("done" if logits.ok else "fail")
         log.line(
-            f"{mark} Logits: max difference {logits.max_abs_diff:.3g} ({logits.relative_diff:.3g} of the largest "
-            f"logit, tolerance {logits.tolerance:.3g}) over {logits.tokens} tokens; {logits.reason}"
+            f"{mark} Logits: max difference {logits.max_abs_diff:.3g} over {logits.tokens} tokens: {logits.reason}"
         )
     if not logits.ok:
         print(f"qlora-merge: logits check failed: {logits.reason}", file=err)
