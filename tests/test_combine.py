@@ -89,6 +89,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             lora_alpha=4,
             target_modules=["q_proj", "v_proj", "down_proj"],
             rank_pattern={"down_proj": 2},
+            alpha_pattern={"q_proj": 3},
         ),
         "c": make_adapter(base32, root / "c", "llama", seed=3, r=4, lora_alpha=16, target_modules=["q_proj", "o_proj"]),
         "rs": make_adapter(base32, root / "rs", "llama", seed=4, r=8, lora_alpha=5, use_rslora=True),
@@ -152,6 +153,8 @@ def test_linear_equals_peft_linear(llama: dict[str, Path], tmp_path: Path) -> No
 def test_linear_refuses_different_ranks(llama: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ShapeMismatch, match="--combine linear needs adapters of one rank"):
         merge(llama["base32"], [llama["a"], llama["b"]], tmp_path / "out", combine="linear")
+    with pytest.raises(ShapeMismatch, match=r"down_proj' has rank 2 \(rank_pattern\) but the adapters' r is 8"):
+        merge(llama["base32"], [llama["rs"], llama["b"]], tmp_path / "out", combine="linear")
     assert not (tmp_path / "out").exists()
 
 
@@ -167,7 +170,7 @@ def test_rslora_combination_has_scaling_one(llama: dict[str, Path], tmp_path: Pa
     assert not torch.equal(ours[name], wrong[name]), "PEFT's own rsLoRA combination scales by sqrt(r) once more"
 
 
-@pytest.mark.parametrize("name, weight", [("a", 0.5), ("rs", -1.5), ("dora", 0.75)])
+@pytest.mark.parametrize("name, weight", [("a", 0.5), ("b", 0.3), ("rs", -1.5), ("dora", 0.75)])
 def test_one_weighted_adapter_equals_peft_set_scale(
     llama: dict[str, Path], tmp_path: Path, name: str, weight: float
 ) -> None:
@@ -393,3 +396,22 @@ def test_conv1d_and_embedding_loras_combine_as_peft(tmp_path: Path, how: str) ->
     assert_same_tensors(ours, saved_names(peft_combined(base, adapters, how), ours))
     assert any("embedding" in row.action for row in result.coverage)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_mirrored_tied_head_loras_stay_tied_in_a_combination(tmp_path: Path) -> None:
+    """ensure_weight_tying saves the tied head's LoRA as the embedding's mirror; combined, the mirror is checked
+    adapter by adapter (the combination scales A on both sides, so the combined factors are no transposes), and the
+    output stays tied like each adapter's own merge. Every other tensor is PEFT's combination."""
+    base = make_base("qwen2", tmp_path / "base", dtype=torch.float32)
+    options = {"target_modules": ["embed_tokens", "q_proj"], "ensure_weight_tying": True}
+    options["save_embedding_layers"] = False  # a saved copy of the embedding is a whole tensor: not combinable
+    first = make_adapter(base, tmp_path / "a", "qwen2", seed=1, **options)
+    second = make_adapter(base, tmp_path / "b", "qwen2", seed=2, lora_alpha=5, **options)
+    assert any("lm_head.lora" in key for key in read_tensors_file(first)), "PEFT saved the head's mirror LoRA"
+    adapters = [(first, 1.0), (second, 0.5)]
+    result = merge(base, adapters, tmp_path / "out", dtype="f32")
+    ours = read_tensors(tmp_path / "out")
+    assert "lm_head.weight" not in ours and "tie_word_embeddings" not in result.config_changes
+    reference = peft_combined(base, adapters, "cat")
+    shared = sorted(set(ours) - {"model.embed_tokens.weight"})
+    assert_same_tensors({n: ours[n] for n in shared}, {n: reference[n] for n in shared})

@@ -232,14 +232,17 @@ def test_token_set_on_the_client_is_enough(tmp_path: Path, online: None) -> None
     assert api.methods()[-1] == "upload_folder"
 
 
-def test_existing_public_repo_asked_private_warns(tmp_path: Path, online: None, caplog) -> None:
+def test_existing_public_repo_asked_private_is_refused(tmp_path: Path, online: None) -> None:
+    """A model meant to be private never goes to a public repo: nothing is uploaded."""
     folder = fake_merge(tmp_path / "merged")
     api = FakeApi(existing_private=False)
-    with caplog.at_level(logging.WARNING, logger="qlora_merge.upload"):
-        result = push_to_hub(folder, REPO, private=True, token="hf_test", api=api)  # type: ignore[arg-type]
-    assert result.private is False
-    assert "already exists and is public" in caplog.text
-    assert api.methods()[-1] == "upload_folder"
+    with pytest.raises(UploadError, match=r"already exists and is public.*nothing was uploaded"):
+        push_to_hub(folder, REPO, private=True, token="hf_test", api=api)  # type: ignore[arg-type]
+    assert "upload_folder" not in api.methods()
+    api = FakeApi(fail={"repo_info": http_error(HfHubHTTPError, 500)})
+    with pytest.raises(UploadError, match="visibility cannot be read"):
+        push_to_hub(folder, REPO, private=True, token="hf_test", api=api)  # type: ignore[arg-type]
+    assert "upload_folder" not in api.methods()
 
 
 def test_existing_private_repo_stays_private(tmp_path: Path, online: None, caplog) -> None:

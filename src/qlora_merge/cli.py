@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         "missing (with --hf-token or HF_TOKEN)",
     )
     parser.add_argument(
-        "--private", action="store_true", help="with --push-to-hub: create the repo private (refused if it is public)"
+        "--private",
+        action="store_true",
+        help="with --push-to-hub: create the repo private (an existing public repo is refused)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of the stage log")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
@@ -306,8 +308,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     if args.push_to_hub is not None and args.dry_run:
         parser.error("--push-to-hub uploads a finished merge; --dry-run writes none")
     if args.config is not None:
-        if args.adapter is not None and len(args.adapter) > 1:
-            parser.error("--config merges the one adapter its config names; give one --adapter to override it")
+        if args.adapter is not None and (len(args.adapter) > 1 or adapter_refs(args.adapter)[0][1] != 1.0):
+            parser.error("--config merges the one adapter its config names at weight 1; --adapter may replace it")
         code, settings = _guarded(
             lambda: read_axolotl_config(
                 args.config,

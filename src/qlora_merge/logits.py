@@ -31,7 +31,6 @@ import gc
 import importlib.util
 import json
 import logging
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -40,8 +39,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint.index import open_checkpoint
-from .errors import CheckpointFormatError, InputNotFound, MergeError, MissingDependency
+from .checkpoint.index import open_merged
+from .errors import CheckpointFormatError, MergeError, MissingDependency
 from .resolve import resolve_adapter, resolve_base
 
 log = logging.getLogger(__name__)
@@ -113,9 +112,7 @@ def compare_logits(
     """
     transformers, peft = _import_optional()
     merged_dir = Path(merged)
-    if not merged_dir.is_dir():
-        raise InputNotFound(f"{merged_dir}: merged model directory not found")
-    dtype = _checkpoint_dtype(merged_dir)
+    _, dtype = open_merged(merged_dir)
     limit = default_tolerance(dtype) if tolerance is None else tolerance
     base_dir = resolve_base(str(base), hf_token)
     adapter_dir = resolve_adapter(str(adapter), hf_token, adapter_name)
@@ -153,15 +150,6 @@ def _import_optional() -> tuple[Any, Any]:
     except ImportError as error:
         raise MissingDependency(MISSING_DEPENDENCIES) from error
     return transformers, peft
-
-
-def _checkpoint_dtype(merged_dir: Path) -> str:
-    """The dtype most floating-point tensors of the merged checkpoint have (headers only, no tensor is read)."""
-    index = open_checkpoint(merged_dir)
-    counts = Counter(entry.dtype for entry in index.tensors.values() if entry.dtype in UNIT_ROUNDOFF)
-    if not counts:
-        raise CheckpointFormatError(f"{merged_dir}: no bf16, f16 or f32 tensors to compare")
-    return counts.most_common(1)[0][0]
 
 
 def _model_class(transformers: Any, merged_dir: Path) -> Any:

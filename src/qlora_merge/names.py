@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 # A checkpoint: one weights file, or numbered shards listed by an index.
+CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")

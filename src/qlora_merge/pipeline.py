@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,12 +16,13 @@ from .adapter.combine import WeightedAdapter, adapter_to_merge, scaled_config
 from .adapter.config import LoraConfig
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
 from .card import AdapterSource, Provenance, input_files, shard_checksums, snapshot_commit, write_card
+from .checkpoint.config import read_base_config
 from .checkpoint.format import read_safetensors_header
-from .checkpoint.index import CheckpointIndex, open_checkpoint
+from .checkpoint.index import open_checkpoint, open_merged
 from .checkpoint.reader import TensorReader
 from .checkpoint.writer import CheckpointWriter, parse_size
 from .checks import ValueCheck
-from .errors import CheckpointFormatError, InputNotFound, MergeError
+from .errors import CheckpointFormatError, MergeError
 from .keymap import resolve_loader
 from .names import ADAPTER_CONFIG_NAME, WEIGHTS_INDEX_NAME
 from .outputs import (
@@ -231,11 +231,8 @@ def verify(
     The dtype is the merged checkpoint's own. A mismatch is reported in the result (`ok` is False), not raised;
     inputs that cannot be read raise MergeError as for a merge.
     """
-    merged_dir = Path(merged)
-    if not merged_dir.is_dir():
-        raise InputNotFound(f"{merged_dir}: merged model directory not found")
-    merged_index = open_checkpoint(merged_dir)
-    dtype = _checkpoint_dtype(merged_index)
+    merged_index, merged_dtype = open_merged(Path(merged))
+    dtype = {name: key for key, name in OUTPUT_DTYPES.items()}[merged_dtype]
     inputs = plan_merge(
         base,
         adapter,
@@ -325,15 +322,6 @@ def _combination(combine: str) -> Combination:
         raise MergeError(f"--combine {combine!r}: expected one of {', '.join(COMBINATIONS)}") from None
 
 
-def _checkpoint_dtype(index: CheckpointIndex) -> str:
-    """The output dtype a merged checkpoint was written in: that of most of its floating-point tensors."""
-    names = {name: key for key, name in OUTPUT_DTYPES.items()}
-    counts = Counter(entry.dtype for entry in index.tensors.values() if entry.dtype in names)
-    if not counts:
-        raise CheckpointFormatError(f"{index.root}: no bf16, f16 or f32 tensors; not a checkpoint this tool wrote")
-    return names[counts.most_common(1)[0][0]]
-
-
 def _result(
     inputs: Inputs, output: Path, dtype: str, bytes_written: int, timings: dict[str, float], dry_run: bool = False
 ) -> MergeResult:
@@ -389,7 +377,7 @@ def _prepare(
         adapter_dirs = [resolve_adapter(ref, hf_token, adapter_name) for ref, _ in adapters]
         if output is not None:
             check_not_inside(output, [base_dir], may_hold=adapter_dirs)
-        base_config = remote.config if remote is not None else _read_base_config(base_dir)
+        base_config = remote.config if remote is not None else read_base_config(base_dir)
         resolved_loader = resolve_loader(loader, base_config)
         stage.detail = resolved_loader.architecture
     with _stage("base", progress, timings) as stage:
@@ -667,47 +655,6 @@ def _check_written(plan: MergePlan, staging: Path) -> None:
         weight_map = index["weight_map"]
         if index["metadata"]["total_size"] != plan.output_bytes or weight_map != {n: v[2] for n, v in found.items()}:
             raise CheckpointFormatError(f"{staging / WEIGHTS_INDEX_NAME}: index does not match the shards")
-
-
-def _read_base_config(base_dir: Path) -> dict[str, Any]:
-    path = base_dir / "config.json"
-    if not path.is_file():
-        log.warning("%s: no config.json; the output will have none either", base_dir)
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 and JSON
-        raise CheckpointFormatError(f"{path}: not valid JSON ({str(exc)[:200]})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointFormatError(f"{path}: expected a JSON object")
-    _check_config_fields(path, config, "")
-    text_config = config.get("text_config")
-    if isinstance(text_config, dict):
-        _check_config_fields(path, text_config, "text_config.")
-    return config
-
-
-# The config.json fields the merge reads, and the JSON types it reads them as.
-CONFIG_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "architectures": list,
-    "model_type": str,
-    "text_config": dict,
-    "tie_word_embeddings": bool,
-    "vocab_size": int,
-}
-
-
-def _check_config_fields(path: Path, config: dict[str, Any], prefix: str) -> None:
-    for key, expected in CONFIG_FIELD_TYPES.items():
-        value = config.get(key)
-        if value is None:
-            continue
-        wrong = not isinstance(value, expected) or (isinstance(value, bool) and expected is int)
-        if key == "architectures" and not wrong:
-            wrong = not all(isinstance(item, str) for item in value)
-        if wrong:
-            shown = repr(value)[:40]
-            raise CheckpointFormatError(f"{path}: '{prefix}{key}' has the wrong type ({shown})")
 
 
 class _stage:

@@ -22,6 +22,7 @@ from .adapter.weights import (
     PEFT_PREFIX,
     AdapterTensor,
     AdapterWeights,
+    CombinedFactor,
     LoraPair,
     Replacement,
     TokenDelta,
@@ -605,13 +606,36 @@ def _same_update(
     if head_pair.bias is not None:  # an embedding LoRA has no bias (PEFT refuses lora_bias there): no mirror
         return False
     embed_pair = embed_update.pair
-    return (
-        same_values is not None
-        and embed_pair.embedding
-        and _rank_and_scaling(head_pair, config)[1] == embed_update.scaling
-        and same_values(head_pair.a, embed_pair.b, True)
-        and same_values(head_pair.b, embed_pair.a, True)
-    )
+    if same_values is None or not embed_pair.embedding:
+        return False
+    if _rank_and_scaling(head_pair, config)[1] != embed_update.scaling:
+        return False
+    return _mirrored(head_pair.a, head_pair.b, embed_pair.a, embed_pair.b, same_values)
+
+
+def _mirrored(
+    head_a: AdapterTensor, head_b: AdapterTensor, embed_a: AdapterTensor, embed_b: AdapterTensor, same: SameValues
+) -> bool:
+    """Whether a head LoRA is ensure_weight_tying's mirror of the embedding's: A = the embedding's B.T and B = its
+    A.T. Combined adapters (see adapter.combine) are mirrors when each adapter's parts are, at the same weight and
+    scaling: the combination scales A on both, so their combined factors are not transposes of each other."""
+    if isinstance(head_a, CombinedFactor) or isinstance(embed_a, CombinedFactor):
+        if not (
+            isinstance(head_a, CombinedFactor)
+            and isinstance(head_b, CombinedFactor)
+            and isinstance(embed_a, CombinedFactor)
+            and isinstance(embed_b, CombinedFactor)
+        ):
+            return False
+        return (
+            head_a.multipliers == embed_a.multipliers
+            and len(head_a.parts) == len(embed_a.parts)
+            and all(
+                _mirrored(*parts, same)
+                for parts in zip(head_a.parts, head_b.parts, embed_a.parts, embed_b.parts, strict=True)
+            )
+        )
+    return same(head_a, embed_b, True) and same(head_b, embed_a, True)
 
 
 def _vocab_changes(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .checkpoint.config import read_base_config
 from .checkpoint.format import SafetensorsFile, header_length, parse_safetensors_header
 from .checkpoint.index import CheckpointIndex, check_complete_shard_set, indexed, read_index
 from .errors import (
@@ -25,17 +26,15 @@ from .errors import (
     MergeError,
     first_line,
 )
-from .names import PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from .resolve import REPO_REF, _local_dir, _split_ref, _where
+from .names import CONFIG_NAME, PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .resolve import REPO_REF, hub_errors, local_dir, split_ref
 
 if TYPE_CHECKING:
     import httpx2
 
 T = TypeVar("T")
-CONFIG_NAME = "config.json"
 # Shard headers are fetched this many at a time: two small requests each, so latency, not bandwidth, is the cost.
 PARALLEL_HEADERS = 8
-TOKEN_HINT = "pass --hf-token or set HF_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class RemoteBase:
 def is_repo_ref(ref: str) -> bool:
     """Whether `ref` names a hub repo rather than a local directory (InputNotFound when it is neither, as for a
     merge): the test that picks the headers-only path."""
-    return _local_dir(ref, "base model") is None
+    return local_dir(ref, "base model") is None
 
 
 def remote_base(ref: str, token: str | None = None) -> RemoteBase:
@@ -66,7 +65,7 @@ def remote_base(ref: str, token: str | None = None) -> RemoteBase:
 
     if not REPO_REF.fullmatch(ref):
         raise InputNotFound(f"{ref}: not a Hugging Face repo id (org/name[@revision])")
-    repo_id, revision = _split_ref(ref)
+    repo_id, revision = split_ref(ref)
     if constants.is_offline_mode():
         raise HeadersNeedNetwork(
             f"{ref}: HF_HUB_OFFLINE is set, and reading the base's safetensors headers from the hub needs the network "
@@ -139,13 +138,9 @@ def _config(
 ) -> tuple[dict[str, Any], Path | None]:
     """config.json, downloaded into the hub cache and checked as the pipeline checks a local base's."""
     if CONFIG_NAME not in files:
-        from .pipeline import _read_base_config
-
-        return _read_base_config(Path(f"{repo_id}@{commit}")), None  # warns, as for a local base without one
+        return read_base_config(Path(f"{repo_id}@{commit}")), None  # warns, as for a local base without one
     path = _download(ref, repo_id, commit, CONFIG_NAME, token)
-    from .pipeline import _read_base_config  # imported here: the pipeline may come to import this module
-
-    return _read_base_config(path.parent), path
+    return read_base_config(path.parent), path
 
 
 def _download(ref: str, repo_id: str, commit: str, file: str, token: str | None) -> Path:
@@ -226,48 +221,20 @@ def _hub_call(ref: str, repo_id: str, revision: str | None, file: str | None, ca
 
 @contextmanager
 def _hub_errors(ref: str, repo_id: str, revision: str | None, file: str | None) -> Iterator[None]:
-    """Every hub or network error as one line naming the repo and, when there is one, the file."""
+    """Every hub or network error as one line naming the repo and, when there is one, the file: resolve's mapping,
+    plus what only reading headers meets (a file gone since it was listed, the hub unreachable)."""
     import httpx2
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
 
-    of = f" (reading {file})" if file else ""
-    try:
-        yield
-    except GatedRepoError as exc:
-        raise InputNotFound(
-            f"{ref}: gated Hugging Face repo{of}: accept its terms on the hub, then {TOKEN_HINT}"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise InputNotFound(
-            f"{ref}: base model not found: no local directory{_where(ref)} and no Hugging Face repo "
-            f"'{repo_id}'{of} (if it is private, {TOKEN_HINT})"
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise InputNotFound(f"{ref}: Hugging Face repo '{repo_id}' has no revision '{revision}'{of}") from exc
-    except RemoteEntryNotFoundError as exc:  # listed by the repo a moment ago, gone now
-        raise InputNotFound(f"{ref}: {file} is not in Hugging Face repo '{repo_id}' at {revision}") from exc
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.TransportError) as exc:
-        # hf_hub_download raises LocalEntryNotFoundError when the hub is unreachable and the file is not cached.
-        raise HeadersNeedNetwork(
-            f"{ref}: the hub cannot be reached{of}, and reading the base's safetensors headers needs the network "
-            f"(or give a local directory): {first_line(exc)}"
-        ) from exc
-    except HfHubHTTPError as exc:
-        status = getattr(exc.response, "status_code", None)
-        hint = f" ({TOKEN_HINT})" if status in (401, 403) else ""
-        raise InputNotFound(
-            f"{ref}: reading {file or 'the repo info'} from the hub failed: {first_line(exc)}{hint}"
-        ) from exc
-    except HFValidationError as exc:
-        raise InputNotFound(f"{ref}: base model not found: neither a local directory nor a valid repo id") from exc
-    except OSError as exc:  # an unwritable cache, a full disk
-        raise MergeError(f"{ref}: reading {file or 'the repo'} failed: {exc}") from exc
+    reading = f" (reading {file})" if file else ""
+    with hub_errors(ref, "base model", repo_id, revision, file):
+        try:
+            yield
+        except RemoteEntryNotFoundError as exc:  # listed by the repo a moment ago, gone now
+            raise InputNotFound(f"{ref}: {file} is not in Hugging Face repo '{repo_id}' at {revision}") from exc
+        except (OfflineModeIsEnabled, LocalEntryNotFoundError, httpx2.TransportError) as exc:
+            # hf_hub_download raises LocalEntryNotFoundError when the hub is unreachable and the file is not cached.
+            raise HeadersNeedNetwork(
+                f"{ref}: the hub cannot be reached{reading}, and reading the base's safetensors headers needs the "
+                f"network (or give a local directory): {first_line(exc)}"
+            ) from exc

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputNotFound, MergeError
+from .errors import InputNotFound, MergeError, first_line
 from .names import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_PICKLE_NAME,
@@ -39,6 +41,7 @@ TOP_LEVEL_ONLY = ["*/*"]
 # PEFT saves the adapter of this name at the top of its directory, any other in a sub-folder named after it.
 DEFAULT_ADAPTER = "default"
 UNINDEXED_WEIGHTS = [WEIGHTS_NAME, SHARD_GLOB]
+TOKEN_HINT = "pass --hf-token or set HF_TOKEN"
 
 
 def with_revision(ref: str, revision: str | None, flag: str = "--revision") -> str:
@@ -59,10 +62,10 @@ def with_revision(ref: str, revision: str | None, flag: str = "--revision") -> s
 
 def resolve_base(ref: str, token: str | None = None) -> Path:
     """A local checkpoint dir as is; a repo id downloaded: metadata first, then only the shards its index names."""
-    local = _local_dir(ref, "base model")
+    local = local_dir(ref, "base model")
     if local is not None:
         return local
-    repo_id, revision = _split_ref(ref)
+    repo_id, revision = split_ref(ref)
     root = _download(ref, "base model", repo_id, revision, BASE_METADATA, token)
     index = root / WEIGHTS_INDEX_NAME
     shards = _indexed_shards(index) if index.is_file() else UNINDEXED_WEIGHTS
@@ -82,10 +85,10 @@ def resolve_adapter(ref: str, token: str | None = None, name: str | None = None)
     other in a sub-folder of its name. The directory of the chosen adapter is returned.
     """
     named = name is not None and name != DEFAULT_ADAPTER
-    local = _local_dir(ref, "adapter")
+    local = local_dir(ref, "adapter")
     if local is not None:
         return _chosen_adapter(local, name, ref)
-    repo_id, revision = _split_ref(ref)
+    repo_id, revision = split_ref(ref)
     folder = f"{name}/" if named else ""
     wanted = [f"{folder}{ADAPTER_CONFIG_NAME}", f"{folder}{ADAPTER_WEIGHTS_NAME}", *TOKENIZER_FILES]
     # A named adapter lives in a sub-folder: the patterns name its files exactly, so nothing else comes along.
@@ -115,7 +118,7 @@ def _chosen_adapter(directory: Path, name: str | None, ref: str) -> Path:
     raise InputNotFound(f"{ref}: no adapter named {name!r} (found: {found or 'none'})")
 
 
-def _local_dir(ref: str, what: str) -> Path | None:
+def local_dir(ref: str, what: str) -> Path | None:
     """The directory `ref` names, or None when it names none and reads as a repo id; InputNotFound otherwise."""
     if not ref.strip():
         raise InputNotFound(f"{what}: empty path")
@@ -125,19 +128,19 @@ def _local_dir(ref: str, what: str) -> Path | None:
     if path.exists():
         raise InputNotFound(f"{ref}: {what} must be a directory, not a file")
     if not REPO_REF.fullmatch(ref):
-        raise InputNotFound(f"{ref}: {what} directory not found{_where(ref)}")
+        raise InputNotFound(f"{ref}: {what} directory not found{relative_hint(ref)}")
     return None
 
 
-def _where(ref: str) -> str:
+def relative_hint(ref: str) -> str:
     # Relative paths are read from the working directory: show which one, as that is the usual mix-up.
     return "" if Path(ref).is_absolute() else f" ({Path(ref).absolute()})"
 
 
-def _split_ref(ref: str) -> tuple[str, str | None]:
+def split_ref(ref: str) -> tuple[str, str | None]:
     """A repo id and the revision after its '@', if any."""
     match = REPO_REF.fullmatch(ref)
-    assert match is not None  # _local_dir returned None, so ref reads as a repo id
+    assert match is not None  # local_dir returned None, so ref reads as a repo id
     return match["repo_id"], match["revision"]
 
 
@@ -178,46 +181,57 @@ def _download(
     """snapshot_download of the files matching `patterns`, with every hub error turned into one InputNotFound line."""
     # Imported here: a purely local merge should not pay for the hub client's import.
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    at = f" at revision '{revision}'" if revision else ""
+    unreachable = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached (no network?)"
+    with hub_errors(ref, what, repo_id, revision):
+        try:
+            folder = snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=ignore, token=token or None
+            )
+        except IncompleteSnapshotError as exc:
+            raise InputNotFound(f"{ref}: the cached snapshot{at} is incomplete and {unreachable}") from exc
+        except LocalEntryNotFoundError as exc:
+            raise InputNotFound(
+                f"{ref}: {what} not found: no local directory{relative_hint(ref)}, and Hugging Face repo '{repo_id}'"
+                f"{at} is not in the hub cache {constants.HF_HUB_CACHE} and {unreachable}"
+            ) from exc
+    return Path(folder)
+
+
+@contextmanager
+def hub_errors(ref: str, what: str, repo_id: str, revision: str | None, file: str | None = None) -> Iterator[None]:
+    """The hub's errors as one line naming the reference (and `file`, when one was being read): a gated, missing or
+    private repo, a missing revision, an HTTP error (with the token hint on 401/403), an invalid id, a disk error.
+    Callers catch what is particular to them (offline, a cache miss) inside the block."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         HFValidationError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    at = f" at revision '{revision}'" if revision else ""
-    unreachable = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the hub cannot be reached (no network?)"
-    token_hint = "pass --hf-token or set HF_TOKEN"
+    reading = f" (reading {file})" if file else ""
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=ignore, token=token or None
-        )
+        yield
     except GatedRepoError as exc:
-        raise InputNotFound(f"{ref}: gated Hugging Face repo: accept its terms on the hub, then {token_hint}") from exc
+        raise InputNotFound(
+            f"{ref}: gated Hugging Face repo{reading}: accept its terms on the hub, then {TOKEN_HINT}"
+        ) from exc
     except RepositoryNotFoundError as exc:
         raise InputNotFound(
-            f"{ref}: {what} not found: no local directory{_where(ref)} and no Hugging Face repo "
-            f"'{repo_id}' (if it is private, {token_hint})"
+            f"{ref}: {what} not found: no local directory{relative_hint(ref)} and no Hugging Face repo "
+            f"'{repo_id}'{reading} (if it is private, {TOKEN_HINT})"
         ) from exc
     except RevisionNotFoundError as exc:
-        raise InputNotFound(f"{ref}: Hugging Face repo '{repo_id}' has no revision '{revision}'") from exc
-    except IncompleteSnapshotError as exc:
-        raise InputNotFound(f"{ref}: the cached snapshot{at} is incomplete and {unreachable}") from exc
-    except LocalEntryNotFoundError as exc:
-        raise InputNotFound(
-            f"{ref}: {what} not found: no local directory{_where(ref)}, and Hugging Face repo '{repo_id}'"
-            f"{at} is not in the hub cache {constants.HF_HUB_CACHE} and {unreachable}"
-        ) from exc
+        raise InputNotFound(f"{ref}: Hugging Face repo '{repo_id}' has no revision '{revision}'{reading}") from exc
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", None)
-        hint = f" ({token_hint})" if status in (401, 403) else ""
-        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise InputNotFound(f"{ref}: download from the hub failed: {first_line}{hint}") from exc
+        hint = f" ({TOKEN_HINT})" if status in (401, 403) else ""
+        raise InputNotFound(f"{ref}: download from the hub failed{reading}: {first_line(exc)}{hint}") from exc
     except HFValidationError as exc:
         raise InputNotFound(f"{ref}: {what} not found: neither a local directory nor a valid repo id") from exc
     except OSError as exc:  # Disk full, unwritable cache, a dropped connection mid-download.
-        raise MergeError(f"{ref}: download failed: {exc}") from exc
-    return Path(folder)
+        raise MergeError(f"{ref}: download failed{reading}: {exc}") from exc

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import UploadError, first_line
-from .names import WEIGHTS_INDEX_NAME
+from .names import CONFIG_NAME, WEIGHTS_INDEX_NAME
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -35,7 +35,6 @@ IGNORE_PATTERNS = (".*", "*/.*")
 # outputs.make_staging_dir fills ".NAME.partial-PID-XXXX" and publish parks a replaced output in ".NAME.old-PID-XXXX":
 # neither is a published merge, however complete it looks.
 UNPUBLISHED_DIR = re.compile(r"\..+\.(?:partial|old)-\d+-.*")
-CONFIG_NAME = "config.json"
 TOKEN_HINT = "pass --hf-token or set HF_TOKEN (or run `hf auth login`)"
 
 
@@ -218,19 +217,24 @@ def _check_token(repo_id: str, token: str | None, api: HfApi) -> None:
 
 
 def _visibility(api: HfApi, repo_id: str, token: str | None, private: bool) -> bool | None:
-    """The repo's actual visibility (one cheap GET), warning when a private push lands in an existing public repo."""
+    """The repo's actual visibility (one cheap GET). A private push is refused unless the repo is seen to be
+    private: an existing public repo keeps its visibility, and a model meant to be private must not go public."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
         actual = getattr(api.repo_info(repo_id, repo_type="model", token=token), "private", None)
-    except HfHubHTTPError as exc:  # only informative: the upload itself reports what matters
+    except HfHubHTTPError as exc:
+        if private:
+            raise UploadError(
+                f"{repo_id}: --private was asked but the repo's visibility cannot be read ({first_line(exc)}); "
+                "nothing was uploaded"
+            ) from exc
         log.warning("%s: could not read the repo's visibility (%s)", repo_id, first_line(exc))
         return None
-    if private and actual is False:
-        log.warning(
-            "%s: the repo already exists and is public: --private only applies when the repo is created, so this "
-            "upload is public (make the repo private in its settings on the hub first if it should not be)",
-            repo_id,
+    if private and actual is not True:
+        raise UploadError(
+            f"{repo_id}: --private was asked but the repo already exists and is public (--private only applies "
+            "when the repo is created); nothing was uploaded: make it private on the hub, or drop --private"
         )
     return None if actual is None else bool(actual)
 

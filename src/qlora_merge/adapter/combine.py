@@ -133,11 +133,11 @@ def _combined_pair(
                 f"{adapters[index].weights.path}: '{module}' is adapted as a {_kind(pair)} "
                 f"but {adapters[first_index].weights.path} adapts it as a {_kind(first)}"
             )
-        if how is Combination.LINEAR and pair.rank != first.rank:
+    for index, pair, _ in found:
+        if how is Combination.LINEAR and pair.rank != rank:
             raise ShapeMismatch(
-                f"{adapters[index].weights.path}: '{module}' has rank {pair.rank} but "
-                f"{adapters[first_index].weights.path} gives it rank {first.rank}; --combine linear needs one rank "
-                "per module (--combine cat takes any)"
+                f"{adapters[index].weights.path}: '{module}' has rank {pair.rank} (rank_pattern) but the adapters' r "
+                f"is {rank}; --combine linear needs one rank per module (--combine cat takes any)"
             )
     a_multipliers: list[tuple[float, ...]] = []
     b_multipliers: list[tuple[float, ...]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def check_complete_shard_set(root: Path, file_names: list[str]) -> None:
     missing = sorted(set(range(1, total + 1)) - present)
     if missing:
         raise InputNotFound(f"{root}: shard {shard_name(missing[0], total)} is missing")
+
+
+# The dtypes a merge writes, by safetensors name.
+OUTPUT_DTYPE_NAMES = ("BF16", "F16", "F32")
+
+
+def open_merged(directory: Path) -> tuple[CheckpointIndex, str]:
+    """A merged checkpoint and the dtype it was written in: that of most of its bf16/f16/f32 tensors (headers only,
+    no tensor is read)."""
+    if not directory.is_dir():
+        raise InputNotFound(f"{directory}: merged model directory not found")
+    index = open_checkpoint(directory)
+    counts = Counter(entry.dtype for entry in index.tensors.values() if entry.dtype in OUTPUT_DTYPE_NAMES)
+    if not counts:
+        raise CheckpointFormatError(f"{directory}: no bf16, f16 or f32 tensors; not a checkpoint this tool wrote")
+    return index, counts.most_common(1)[0][0]
