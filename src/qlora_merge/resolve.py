@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputNotFound, MergeError, first_line
+from .checkpoint.index import read_index
+from .errors import CheckpointFormatError, InputNotFound, MergeError, first_line
 from .names import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_PICKLE_NAME,
@@ -147,11 +147,9 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 def _indexed_shards(index: Path) -> list[str] | None:
     """The shard names the index maps tensors to, or None when it is malformed."""
     try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, AttributeError, TypeError):
+        return sorted(read_index(index)[0])
+    except CheckpointFormatError:
         return None
-    return shards if shards and all(isinstance(s, str) for s in shards) else None
 
 
 def _commit_of(root: Path, revision: str | None) -> str | None:

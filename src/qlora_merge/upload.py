@@ -8,7 +8,6 @@ the repo was created. Every hub error becomes one `UploadError` line naming the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import sys
@@ -16,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UploadError, first_line
+from .checkpoint.index import read_index
+from .errors import CheckpointFormatError, UploadError, first_line
 from .names import CONFIG_NAME, WEIGHTS_INDEX_NAME
 
 if TYPE_CHECKING:
@@ -155,9 +155,8 @@ def upload_files(folder: Path) -> list[str]:
 
 def _indexed_shards(index: Path, folder: Path) -> list[str]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted({str(name) for name in weight_map.values()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return read_index(index)[0]
+    except CheckpointFormatError as exc:
         raise UploadError(f"{folder}: not a finished merge: {WEIGHTS_INDEX_NAME} is unreadable ({exc})") from exc
 
 
