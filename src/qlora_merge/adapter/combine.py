@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ShapeMismatch, UnsupportedAdapter
-from ..variants import Combination, factor_dtype, linear_coefficients, lora_scaling, module_rank_alpha, weighted_alpha
+from ..variants import Combination, adapter_dtype, linear_coefficients, lora_scaling, module_rank_alpha, weighted_alpha
 from .config import LoraConfig
-from .weights import AdapterWeights, CombinedFactor, LoraPair, dtype_of
+from .weights import AdapterTensor, AdapterWeights, CombinedFactor, LoraPair, dtype_of
 
 
 @dataclass(frozen=True)
@@ -150,19 +150,26 @@ def _combined_pair(
             on_a, on_b = linear_coefficients(weight, scaling)
             a_multipliers.append((on_a,))
             b_multipliers.append((on_b,))
-    dtype = factor_dtype(dtype_of(first.a), dtype_of(first.b))
-    for _, pair, _ in found[1:]:
-        dtype = torch.promote_types(dtype, factor_dtype(dtype_of(pair.a), dtype_of(pair.b)))
+    a_parts, b_parts = tuple(p.a for _, p, _ in found), tuple(p.b for _, p, _ in found)
     a_shape = (rank, *(int(n) for n in first.a.shape[1:]))
     b_shape = (int(first.b.shape[0]), rank, *(int(n) for n in first.b.shape[2:]))
     keys = tuple(label(index) + key for index, pair, _ in found for key in pair.keys)
     return LoraPair(
         module=module,
-        a=CombinedFactor(how, "a", tuple(p.a for _, p, _ in found), tuple(a_multipliers), rank, a_shape, dtype),
-        b=CombinedFactor(how, "b", tuple(p.b for _, p, _ in found), tuple(b_multipliers), rank, b_shape, dtype),
+        a=CombinedFactor(how, "a", a_parts, tuple(a_multipliers), rank, a_shape, _loaded_dtype(a_parts)),
+        b=CombinedFactor(how, "b", b_parts, tuple(b_multipliers), rank, b_shape, _loaded_dtype(b_parts)),
         embedding=first.embedding,
         keys=keys,
     )
+
+
+def _loaded_dtype(parts: tuple[AdapterTensor, ...]) -> torch.dtype:
+    """The dtype `variants.combined_factor` returns for these parts: theirs as loaded (see `load_factor`),
+    promoted."""
+    dtype = adapter_dtype(dtype_of(parts[0]))
+    for part in parts[1:]:
+        dtype = torch.promote_types(dtype, adapter_dtype(dtype_of(part)))
+    return dtype
 
 
 def _kind(pair: LoraPair) -> str:
