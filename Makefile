@@ -11,12 +11,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned: on these machines that pin is a local CPU wheel; unpinned, pip pulls GBs of CUDA wheels.
-install: $(BIN)/python
+# The install is editable, so only a changed pyproject.toml needs pip again: a stamp in the venv records each one.
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .
+	touch $@
 
-install-test: install
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
+	touch $@
 
 demo: install
 	$(BIN)/qlora-merge --base examples/tiny-llama/base --adapter examples/tiny-llama/adapter \

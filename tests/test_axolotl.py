@@ -207,8 +207,13 @@ def test_missing_config_and_missing_flags(tmp_path: Path) -> None:
     code, _, err = run("--config", str(tmp_path / "nope.yml"))
     assert code == 2 and "axolotl config not found" in err
     with pytest.raises(SystemExit) as exit_info:
-        run("--adapter", "a", "--output", "o")
+        run("--base", "b", "--output", "o")
     assert exit_info.value.code == 2
+    code, _, err = run("--adapter", str(tmp_path / "a"), "--output", "o")  # no --base: the adapter's is read
+    assert code == 2 and "adapter directory not found" in err, err
+    (tmp_path / "a").mkdir()
+    code, _, err = run("--adapter", str(tmp_path / "a"), "--output", "o")
+    assert code == 2 and "adapter_config.json: not found" in err and "pass --base" in err, err
 
 
 def test_config_with_verify_and_json(trained: tuple[Path, Path, Path]) -> None:

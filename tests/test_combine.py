@@ -19,7 +19,7 @@ from factories import assert_same_tensors, make_adapter, make_base, read_tensors
 from qlora_merge import cli, merge, verify
 from qlora_merge.cli import adapter_refs, main
 from qlora_merge.errors import MergeError, ShapeMismatch, UnsupportedAdapter
-from qlora_merge.upload import UploadError, UploadResult
+from qlora_merge.upload import UploadError, UploadResult, split_repo_ref
 
 
 def peft_combined(
@@ -355,6 +355,7 @@ def test_push_to_hub_after_the_merge(llama: dict[str, Path], tmp_path: Path, mon
         return UploadResult(repo_id, f"https://hub/{repo_id}/commit/1", "1", 5, 100, True, kwargs["revision"])
 
     monkeypatch.setattr(cli, "push_to_hub", fake_push)
+    monkeypatch.setattr(cli, "check_push", lambda ref, token=None: split_repo_ref(ref))  # the hub is offline here
     flags = ("--base", llama["base16"], "--adapter", llama["a"], "--output", tmp_path / "m")
     code, out, err = run_cli(
         *flags, "--verify", "--push-to-hub", "me/merged@f16", "--private", "--json", "--hf-token", "t"
@@ -376,6 +377,22 @@ def test_push_to_hub_after_the_merge(llama: dict[str, Path], tmp_path: Path, mon
     with pytest.raises(SystemExit) as usage:  # --private alone is a usage error
         run_cli(*flags, "--overwrite", "--private")
     assert usage.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [("me/merged", "HF_HUB_OFFLINE is set"), ("not a repo", "not a hub repo id"), ("me/m@", "empty branch")],
+)
+def test_a_push_that_cannot_happen_fails_before_the_merge(
+    llama: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, why: str
+) -> None:
+    """Offline, or a bad repo id or branch: one line before anything is read or written, not after the merge."""
+    monkeypatch.setattr(cli, "merge", lambda *args, **kwargs: pytest.fail("the merge must not start"))
+    code, out, err = run_cli(
+        "--base", llama["base16"], "--adapter", llama["a"], "--output", tmp_path / "m", "--push-to-hub", target
+    )
+    assert code == 2 and len(err.splitlines()) == 1 and why in err, err
+    assert out == "" and not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("how", ["cat", "linear"])

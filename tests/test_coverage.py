@@ -49,9 +49,7 @@ def test_unused_tensors_fail_the_merge_unless_allowed(
 ) -> None:
     base, adapter = llama
     stray = with_stray_module(adapter, tmp_path)
-    with pytest.raises(
-        KeyMatchError, match=r"rotary.*matches no tensor.*\(and 1 more adapter tensors\).*--allow-unused"
-    ):
+    with pytest.raises(KeyMatchError, match=r"rotary' matches no tensor.*--allow-unused"):
         merge(base, stray, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 

@@ -211,15 +211,17 @@ def test_a_failed_final_rename_puts_the_old_output_back(
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous merge")
-    real_rename = Path.rename
+    from qlora_merge import OutputError, outputs
 
-    def rename(self: Path, target: Path) -> Path:
-        if self.name.startswith(".out.partial-"):
+    real_rename = outputs._rename
+
+    def rename(source: Path, target: Path, flags: int) -> None:
+        if source.name.startswith(".out.partial-"):
             raise OSError(5, "Input/output error")
-        return real_rename(self, target)
+        real_rename(source, target, flags)
 
-    monkeypatch.setattr(Path, "rename", rename)
-    with pytest.raises(OSError, match="Input/output error"):
+    monkeypatch.setattr(outputs, "_rename", rename)
+    with pytest.raises(OutputError, match=r"cannot be replaced \(Input/output error\)"):
         merge(base, adapter, out, overwrite=True)
     assert (out / "old.txt").read_text() == "previous merge"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging or retired directory left"

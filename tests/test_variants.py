@@ -150,3 +150,20 @@ def test_merge_rows_returns_the_sum_before_rounding(weight_dtype: torch.dtype) -
     total = merge_rows_into(weight, delta.clone(), torch.empty(8 * 16), out)
     assert total.dtype == expected.dtype and torch.equal(total, expected)
     assert torch.isinf(out).any() and torch.isfinite(total).all(), "the overflow shows only after rounding"
+
+
+def test_conv1d_names_follow_the_architecture() -> None:
+    """Square weights' layout by layer class: Conv1D names per architecture, sub-models included; None when the
+    model's code is not transformers' own."""
+    from qlora_merge.variants import Layout, conv1d_names, fitting_layouts
+
+    assert conv1d_names({"model_type": "gpt2"}) == {"c_attn", "q_attn", "c_proj", "c_fc"}
+    assert conv1d_names({"model_type": "clvp_decoder"}) == {"c_fc", "c_proj"}
+    assert conv1d_names({"model_type": "llama"}) == frozenset()
+    assert conv1d_names({"model_type": "vision-encoder-decoder", "decoder": {"model_type": "gpt2"}}) >= {"c_attn"}
+    assert conv1d_names({}) is None
+    assert conv1d_names({"model_type": "gpt2", "auto_map": {"AutoModel": "x.Y"}}) is None
+    assert fitting_layouts((4, 4), 4, 4) == (Layout.LINEAR, Layout.CONV1D)
+    assert fitting_layouts((8, 4), 4, 8) == (Layout.CONV1D,)
+    assert fitting_layouts((8, 4), 8, 4) == (Layout.LINEAR,)
+    assert fitting_layouts((8, 5), 8, 4) == ()

@@ -1,7 +1,7 @@
-"""`python -m qlora_merge` runs the CLI."""
+"""`python -m qlora_merge` runs the CLI, with its signal handlers in place before the slow imports."""
 
 import sys
 
-from .cli import main
+from .interrupts import run_console
 
-sys.exit(main())
+sys.exit(run_console())

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .dtypes import canonical_dtype
 from .errors import InputNotFound, MergeError
 from .pipeline import MergeResult, merge
 
@@ -17,18 +18,6 @@ log = logging.getLogger(__name__)
 
 # axolotl writes the merged model here, inside its output_dir.
 MERGED_SUBDIR = "merged"
-DTYPE_NAMES = {
-    "bfloat16": "bf16",
-    "bf16": "bf16",
-    "float16": "f16",
-    "fp16": "f16",
-    "half": "f16",
-    "f16": "f16",
-    "float32": "f32",
-    "fp32": "f32",
-    "float": "f32",
-    "f32": "f32",
-}
 
 
 @dataclass(frozen=True)
@@ -86,7 +75,7 @@ def read_axolotl_config(
         base=base_ref,
         adapter=str(adapter_ref),
         output=output_path,
-        dtype=dtype or _dtype(source, values),
+        dtype=canonical_dtype(dtype) if dtype else _dtype(source, values),
         hf_token=token if isinstance(token, str) and token else None,
     )
 
@@ -101,13 +90,72 @@ def _load(config: str | Path | Mapping[str, Any]) -> tuple[str, Mapping[str, Any
         raise InputNotFound(f"{path}: axolotl config not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise MergeError(f"{path}: cannot read the axolotl config ({exc})") from exc
-    try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise MergeError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from exc
+    values = _yaml(text, path)
     if not isinstance(values, dict):
         raise MergeError(f"{path}: expected a YAML mapping of axolotl settings, got {type(values).__name__}")
     return str(path), values
+
+
+# Nodes a config may hold once its aliases are expanded: axolotl configs have hundreds; a few hundred bytes of
+# aliases nested in aliases (a "billion laughs") expand to billions, which printing one value would spell out.
+MAX_YAML_NODES = 100_000
+
+
+def _yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_NODES (or refer to themselves)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_NODES:
+            raise MergeError(
+                f"{path}: its YAML aliases expand to over {MAX_YAML_NODES:,} values (or refer to themselves); "
+                "an axolotl config needs neither"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise MergeError(f"{path}: not valid YAML ({' '.join(str(exc).split())[:200]})") from exc
+    except RecursionError as exc:
+        raise MergeError(f"{path}: not valid YAML (nested too deeply)") from exc
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has with every alias expanded (capped past the limit), without expanding it:
+    each node's size is computed once, bottom up; a node inside itself counts as too large."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = _children(node)
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = min(1 + sum(sizes[id(child)] for child in children), MAX_YAML_NODES + 1)
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            return MAX_YAML_NODES + 1
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else f"{shown[: limit - 3]}..."
 
 
 def _base(source: str, values: Mapping[str, Any]) -> str:
@@ -116,7 +164,7 @@ def _base(source: str, values: Mapping[str, Any]) -> str:
     if revision is None or "@" in base:
         return base
     if not isinstance(revision, str) or not revision:
-        raise MergeError(f"{source}: 'revision_of_model' must be a branch, tag or commit, got {revision!r}")
+        raise MergeError(f"{source}: 'revision_of_model' must be a branch, tag or commit, got {_short(revision)}")
     return f"{base}@{revision}"
 
 
@@ -127,17 +175,19 @@ def _path(source: str, values: Mapping[str, Any], key: str, required: bool = Fal
             raise MergeError(f"{source}: '{key}' is missing (needed to merge; or pass it on the command line)")
         return None
     if not isinstance(value, str | Path):
-        raise MergeError(f"{source}: '{key}' must be a path or repo id, got {value!r}")
+        raise MergeError(f"{source}: '{key}' must be a path or repo id, got {_short(value)}")
     return str(value)
 
 
 def _dtype(source: str, values: Mapping[str, Any]) -> str:
     torch_dtype = values.get("torch_dtype")
     if torch_dtype is not None and torch_dtype != "auto":
-        name = DTYPE_NAMES.get(str(torch_dtype).removeprefix("torch."))
-        if name is None:
-            raise MergeError(f"{source}: 'torch_dtype' {torch_dtype!r} is not one of bfloat16, float16, float32")
-        return name
+        try:
+            return canonical_dtype(str(torch_dtype))
+        except MergeError:
+            raise MergeError(
+                f"{source}: 'torch_dtype' {_short(torch_dtype)} is not one of bfloat16, float16, float32"
+            ) from None
     if values.get("bf16") in (True, "auto") or values.get("bfloat16") is True:
         return "bf16"
     if values.get("fp16") is True or values.get("float16") is True or values.get("load_in_8bit") is True:

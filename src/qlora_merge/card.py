@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .checkpoint.opened import OpenedFile
 
 CARD_NAME = "README.md"
 HASH_CHUNK_BYTES = 8 << 20
@@ -21,9 +24,16 @@ COMBINATION_TEXT = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read a chunk at a time (shards are gigabytes)."""
+def sha256_file(path: Path, opened: OpenedFile | None = None) -> str:
+    """Hex SHA-256 of a file, read a chunk at a time (shards are gigabytes); through `opened`, the descriptor the
+    merge read it by, when given."""
     digest = hashlib.sha256()
+    if opened is not None:
+        offset = 0
+        while chunk := os.pread(opened.fd, HASH_CHUNK_BYTES, offset):
+            digest.update(chunk)
+            offset += len(chunk)
+        return digest.hexdigest()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
@@ -71,26 +81,37 @@ def snapshot_commit(directory: Path) -> str:
 
 
 def input_files(
-    base_dir: Path, base_shards: Iterable[str], adapters: Iterable[tuple[str, Path, Iterable[str]]]
+    base_dir: Path,
+    base_shards: Iterable[str],
+    adapters: Iterable[tuple[str, Path, Iterable[str]]],
+    opened: Iterable[OpenedFile] = (),
 ) -> list[InputFile]:
     """Each adapter's files (`adapters`: the name the card gives it, its directory, its file names) and the base's
     config and index, hashed (they are small); the base's shards by name and size only: hashing them would read
     the whole base a second time, since the merge reads it tensor by tensor, in parallel, not each file front to
     back. A shard from the hub cache gets its SHA-256 all the same, without a read: git LFS names the cached blob
-    after it."""
-    files = [
-        InputFile(source, name, (directory / name).stat().st_size, sha256_file(directory / name))
-        for source, directory, names in adapters
-        for name in names
-        if (directory / name).is_file()
-    ]
+    after it. A file among `opened` (the weight files the merge read through their descriptors) is described
+    from its descriptor: the card is about the file merged, even if its path names another one by now."""
+    by_path = {os.path.abspath(f.source): f for f in opened}
+    files = []
+    for source, directory, names in adapters:
+        for name in names:
+            path = directory / name
+            handle = by_path.get(os.path.abspath(path))
+            if handle is not None:
+                files.append(InputFile(source, name, handle.size, sha256_file(path, handle)))
+            elif path.is_file():
+                files.append(InputFile(source, name, path.stat().st_size, sha256_file(path)))
     for name in BASE_FILES_HASHED:
         if (base_dir / name).is_file():
             files.append(InputFile("base", name, (base_dir / name).stat().st_size, sha256_file(base_dir / name)))
     for name in sorted(base_shards):
         path = base_dir / name
-        blob = path.resolve().name if path.is_symlink() else ""
-        files.append(InputFile("base", name, path.stat().st_size, blob if LFS_BLOB_NAME.fullmatch(blob) else ""))
+        handle = by_path.get(os.path.abspath(path))
+        current = handle is None or handle.same_as(path)
+        blob = path.resolve().name if current and path.is_symlink() else ""
+        size = handle.size if handle is not None else path.stat().st_size
+        files.append(InputFile("base", name, size, blob if LFS_BLOB_NAME.fullmatch(blob) else ""))
     return files
 
 
@@ -150,7 +171,17 @@ def model_card(info: Provenance) -> str:
         lines += ["", "## Checksums", "", "| file | SHA-256 |", "|---|---|"]
         lines += [f"| {name} | {digest} |" for name, digest in info.checksums.items()]
         lines += ["", "Check them with `sha256sum -c` on lines `<hash>  <file>`."]
-    return "\n".join(lines) + "\n"
+    return _printable("\n".join(lines) + "\n")
+
+
+def _printable(text: str) -> str:
+    """`text` as valid UTF-8, as a card must be: a path whose name is not UTF-8 holds its raw bytes as lone
+    surrogates (Python's surrogateescape), which are shown as `\\xNN` escapes instead of failing the write."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def shard_checksums(directory: Path, shards: Iterable[str]) -> dict[str, str]:
@@ -159,4 +190,4 @@ def shard_checksums(directory: Path, shards: Iterable[str]) -> dict[str, str]:
 
 
 def write_card(directory: Path, info: Provenance) -> None:
-    (directory / CARD_NAME).write_text(model_card(info))
+    (directory / CARD_NAME).write_text(model_card(info), encoding="utf-8")

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import os
 import resource
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import NoReturn, TextIO, TypeVar
 
 from . import __version__
 from .axolotl import read_axolotl_config
+from .base_choice import default_base
+from .dtypes import CANONICAL_DTYPES, canonical_dtype
 from .errors import MergeError
 from .inspection import AdapterReport, inspect_adapter
 from .logits import compare_logits
 from .pipeline import COMBINATIONS, MergeResult, merge, verify
-from .plan import OUTPUT_DTYPES
 from .progress import ProgressEvent, human_bytes, ignore_progress
 from .resolve import with_revision
-from .upload import UploadResult, push_to_hub, split_repo_ref
+from .upload import UploadResult, check_push, push_to_hub
 from .verify import VerifyReport
 
 T = TypeVar("T")
@@ -37,11 +41,64 @@ STAGE_TEXT = {
     "merge": ("Merging adapter into base weights", "Merged"),
     "save": ("Saving merged model to '{detail}'", "Saved"),
 }
+# The same stages with several adapters, or with the adapters' deltas taken out.
+SEVERAL_TEXT = {
+    "adapter": ("Loading LoRA adapters", "Adapters loaded"),
+    "merge": ("Merging adapters into base weights", "Merged"),
+}
+SUBTRACT_TEXT = {"merge": ("Subtracting the adapters' deltas from the base weights", "Subtracted")}
+USAGE = """qlora-merge [--base BASE] --adapter ADAPTER[:WEIGHT] ... --output OUTPUT [options]
+       qlora-merge --config AXOLOTL.yml [options]
+       qlora-merge verify [--base BASE] --adapter ADAPTER --merged MERGED [options]
+       qlora-merge inspect ADAPTER [--base BASE] [options]
+       qlora-merge help [verify|inspect]"""
+SUBCOMMANDS = ("verify", "inspect")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every usage error on one line (no usage block), and the closest flag for a mistyped one."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: object = None) -> argparse.Namespace:  # type: ignore[override]
+        # A mistyped flag is named first: argparse would report the required flag it failed to give instead.
+        words = list(sys.argv[1:] if args is None else args)
+        known = [option for action in self._actions for option in action.option_strings]
+        for word in words[: words.index("--")] if "--" in words else words:
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--") and not any(option.startswith(flag) for option in known):
+                self.error(f"unrecognized arguments: {word}")
+        return super().parse_args(words, namespace)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            message = _unrecognized(self, message.removeprefix("unrecognized arguments: ").split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """`unrecognized argument --ouput: did you mean --output?`: the first unknown flag and the nearest real one."""
+    flags = [word for word in unknown if word.startswith("-")]
+    if not flags:
+        return f"unrecognized argument {unknown[0]!r}"
+    flag = flags[0].split("=", 1)[0]
+    known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    return f"unrecognized argument {flag}" + (f": did you mean {close[0]}?" if close else "")
+
+
+def _dtype_flag(text: str) -> str:
+    try:
+        return canonical_dtype(text)
+    except MergeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dtype: use {', '.join(CANONICAL_DTYPES)} (or fp16, float16, half, bfloat16, fp32, "
+            "float32)"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qlora-merge",
+        usage=USAGE,
         description="Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint. "
         "The base is streamed tensor by tensor: memory stays small whatever the model size.",
         epilog="other commands: `qlora-merge inspect ADAPTER [--base B]` describes an adapter and checks it fits a "
@@ -56,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base",
         default=None,
-        help="local path or HF repo id (org/name[@revision]) of the full-precision base model "
-        "(required unless --config)",
+        help="local path or HF repo id (org/name[@revision]) of the full-precision base model (default: the base "
+        "the adapter was trained on, base_model_name_or_path in its adapter_config.json)",
     )
     _add_adapter_flags(parser, required=False)
     parser.add_argument(
@@ -71,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --config: overrides its output_dir (the adapter when lora_model_dir is unset; output in merged/)",
     )
     parser.add_argument(
-        "--dtype", default=None, choices=list(OUTPUT_DTYPES), help="output dtype (default: bf16, or from --config)"
+        "--dtype",
+        default=None,
+        type=_dtype_flag,
+        help="output dtype: bf16, f16 or f32 (also fp16, float16, half, bfloat16, fp32, float32; default: bf16, or "
+        "from --config)",
     )
     parser.add_argument(
         "--loader",
@@ -185,13 +246,20 @@ def adapter_refs(values: Sequence[str]) -> list[tuple[str, float]]:
 class StageLog:
     """Seed-style staged output on stdout; a progress bar on stderr when it is a terminal."""
 
-    def __init__(self, out: TextIO, err: TextIO, requested_loader: str) -> None:
+    def __init__(
+        self, out: TextIO, err: TextIO, requested_loader: str, several: bool = False, subtract: bool = False
+    ) -> None:
         self.out, self.err, self.requested_loader = out, err, requested_loader
         self.fancy = _can_print(out, "⏳✅💾❌…")
         self.bar = err.isatty()
+        self.texts = STAGE_TEXT | (SEVERAL_TEXT if several else {}) | (SUBTRACT_TEXT if subtract else {})
 
     def line(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        try:
+            print(text, file=self.out, flush=True)
+        except BrokenPipeError:  # `qlora-merge ... | head`: the reader left; the merge itself goes on to the end
+            self.out = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the log)
+            sys.stdout = self.out
 
     def mark(self, kind: str) -> str:
         marks = (
@@ -208,7 +276,7 @@ class StageLog:
                 self.line("")
                 self.line(_memory_line())
             return
-        starting, finished = STAGE_TEXT[event.stage]
+        starting, finished = self.texts[event.stage]
         if event.status == "start":
             mark = self.mark("save" if event.stage == "save" else "start")
             self.line(f"{mark} {starting.format(detail=event.detail)} {'…' if self.fancy else '...'}")
@@ -296,6 +364,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     out = out or sys.stdout
     err = err or sys.stderr
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["help"]:  # `qlora-merge help [verify|inspect]`, as git and pip take it
+        argv = [*argv[1:2], "--help"] if argv[1:2] and argv[1] in SUBCOMMANDS else ["--help"]
     if argv[:1] == ["verify"]:
         return _verify_main(argv[1:], out, err)
     if argv[:1] == ["inspect"]:
@@ -332,16 +402,23 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         )
         args.hf_token = args.hf_token or settings.hf_token
     else:
-        missing = [f"--{name}" for name in ("base", "adapter", "output") if getattr(args, name) is None]
+        missing = [f"--{name}" for name in ("adapter", "output") if getattr(args, name) is None]
         if missing:
             parser.error(f"the following arguments are required: {', '.join(missing)} (or --config)")
         if args.output_dir is not None:
             parser.error("--output_dir needs --config (it overrides the axolotl config's output_dir)")
         args.dtype = args.dtype or "bf16"
-    log = StageLog(out, err, args.loader)
     adapters = adapter_refs(args.adapter)
+    log = StageLog(out, err, args.loader, several=len(adapters) > 1, subtract=args.subtract)
+    if args.push_to_hub is not None:  # a push that cannot happen is said before the merge, not after it
+        code, pushed = _guarded(lambda: check_push(args.push_to_hub, args.hf_token), args.debug, err)
+        if pushed is None:
+            return code
+    code, base_line = _choose_base(args, adapters, err)
+    if base_line is None:
+        return code
     if not args.json:
-        log.line(f"base    : {args.base}")
+        log.line(base_line)
         _adapter_lines(log, adapters, args.combine, args.subtract)
         log.line(f"output  : {args.output}")
         log.line(f"dtype   : {args.dtype}")
@@ -401,15 +478,16 @@ def _after_merge(
 ) -> int:
     """--verify, then --push-to-hub (only a verified merge is uploaded); their outcome goes into `report`."""
     if args.verify:
-        code = _verify_and_report(args, adapters, output, log, err, json_out=None)
+        code = _verify_and_report(args, adapters, output, log, err, json_out=None, completed=output)
         report["verified"] = code == 0
         if code:
             return code
     if args.push_to_hub is None:
         return 0
-    code, upload = _guarded(lambda: _push(args, output), args.debug, err)
+    code, upload = _guarded(lambda: _push(args, output), args.debug, err, output)
     if upload is None:
-        print(f"qlora-merge: the merged model is complete at {output}; only the upload failed", file=err)
+        if code < 128:  # an interrupt has said so in its own line
+            print(f"qlora-merge: the merged model is complete at {output}; only the upload failed", file=err)
         return code
     report["upload"] = upload.to_dict()
     if not args.json:
@@ -418,8 +496,24 @@ def _after_merge(
 
 
 def _push(args: argparse.Namespace, output: Path) -> UploadResult:
-    repo_id, branch = split_repo_ref(args.push_to_hub)
+    repo_id, branch = check_push(args.push_to_hub, args.hf_token)
     return push_to_hub(output, repo_id, private=args.private, token=args.hf_token, revision=branch)
+
+
+def _choose_base(args: argparse.Namespace, adapters: list[tuple[str, float]], err: TextIO) -> tuple[int, str | None]:
+    """The `base    :` header line; without --base, the base the adapters name is taken (and said where from),
+    and set on `args`. Returns (exit code, line), the line None when no base can be taken."""
+    if args.base is not None:
+        return 0, f"base    : {args.base}"
+    code, named = _guarded(
+        lambda: default_base([ref for ref, _ in adapters], args.hf_token, args.adapter_name, args.adapter_revision),
+        args.debug,
+        err,
+    )
+    if named is None:
+        return code, None
+    args.base = named.ref
+    return 0, f"base    : {named.ref}  (base_model_name_or_path in {named.source})"
 
 
 def _adapter_lines(log: StageLog, adapters: list[tuple[str, float]], combine: str, subtract: bool) -> None:
@@ -434,12 +528,14 @@ def _adapter_lines(log: StageLog, adapters: list[tuple[str, float]], combine: st
 
 def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     """`qlora-merge verify`: exit 0 when the merged checkpoint is base + adapter, 3 when it is not."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qlora-merge verify",
         description="Prove a merge took: derive every tensor of the merged checkpoint again from base and adapter "
         "(streaming, flat memory) and compare them byte for byte; no LoRA key may remain.",
     )
-    parser.add_argument("--base", required=True, help="local path or HF repo id of the base model")
+    parser.add_argument(
+        "--base", default=None, help="local path or HF repo id of the base model (default: the one the adapter names)"
+    )
     _add_adapter_flags(parser, required=True)
     parser.add_argument("--merged", required=True, help="the merged model directory to check")
     parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
@@ -463,12 +559,15 @@ def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     args = parser.parse_args(argv)
     _configure_logging(args.debug, err)
-    log = StageLog(out, err, args.loader)
     adapters = adapter_refs(args.adapter)
+    log = StageLog(out, err, args.loader, several=len(adapters) > 1, subtract=args.subtract)
     if args.logits and (len(adapters) > 1 or adapters[0][1] != 1.0 or args.subtract):
         parser.error("--logits compares against PEFT's base + one adapter at weight 1, not a combination")
+    code, base_line = _choose_base(args, adapters, err)
+    if base_line is None:
+        return code
     if not args.json:
-        log.line(f"base    : {args.base}")
+        log.line(base_line)
         _adapter_lines(log, adapters, args.combine, args.subtract)
         log.line(f"merged  : {args.merged}")
     json_out = out if args.json else None
@@ -505,7 +604,7 @@ def _verify_main(argv: list[str], out: TextIO, err: TextIO) -> int:
 
 def _inspect_main(argv: list[str], out: TextIO, err: TextIO) -> int:
     """`qlora-merge inspect`: describe an adapter; with --base, exit 2 unless it fits that base."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="qlora-merge inspect",
         description="Describe a LoRA adapter from its config and file header (no weights are loaded): rank, alpha, "
         "scaling, variants, targeted modules and layers, parameters, the base it was trained on. With --base, plan "
@@ -569,9 +668,11 @@ def _verify_and_report(
     log: StageLog,
     err: TextIO,
     json_out: TextIO | None,
+    completed: Path | None = None,
 ) -> int:
     """verify() with the flags the merge and `verify` share; the verdict goes to the log (or the report as JSON to
-    `json_out`), a failure to stderr as one line. Returns the exit code."""
+    `json_out`), a failure to stderr as one line. Returns the exit code. `completed`: the merge that just wrote
+    `merged` (--verify), so that a Ctrl-C says the output is complete."""
     code, report = _guarded(
         lambda: verify(
             args.base,
@@ -588,6 +689,7 @@ def _verify_and_report(
         ),
         args.debug,
         err,
+        completed,
     )
     if report is None:
         return code
@@ -625,16 +727,22 @@ def _failures(report: VerifyReport) -> str:
     return "; ".join(parts)
 
 
-def _guarded(call: Callable[[], T], debug: bool, err: TextIO) -> tuple[int, T | None]:
-    """Run the library call; a MergeError is one line and exit 2, anything else an internal error (exit 1)."""
+def _guarded(call: Callable[[], T], debug: bool, err: TextIO, completed: Path | None = None) -> tuple[int, T | None]:
+    """Run the library call; a MergeError is one line and exit 2, anything else an internal error (exit 1). A Ctrl-C
+    is one line and 128 + the signal; `completed` is the output already written (--verify and --push-to-hub run
+    after the merge), which that line names instead of saying nothing was written."""
     try:
         return 0, call()
     except MergeError as exc:
         print(f"qlora-merge: error: {exc}", file=err)
         return EXIT_BAD_INPUT, None
-    except KeyboardInterrupt:
-        print("qlora-merge: interrupted; no output was written", file=err)
-        return 130, None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under run_console: the call has cleaned up after itself
+        from .interrupts import Interrupted, exit_code, interrupted_line
+
+        if completed is not None and getattr(exc, "output", None) is None:
+            exc = Interrupted(int(getattr(exc, "signum", signal.SIGINT)), output=completed)
+        print(interrupted_line(exc), file=err)
+        return exit_code(exc), None
     except Exception as exc:
         if debug:
             traceback.print_exc(file=err)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import read_adapter
+from .adapter.selection import module_of
 from .errors import KeyMatchError, ShapeMismatch
 from .names import ADAPTER_CONFIG_NAME
 from .plan import ExpertUpdate, LoraUpdate
@@ -46,6 +47,8 @@ class AdapterReport:
     modules_to_save: tuple[str, ...]  # tensors the adapter replaces whole
     trainable_tokens: dict[str, int]  # module ("" = input embedding) -> number of trained token rows
     parameters: int  # every tensor in the adapter file
+    # LoRA modules the file holds but adapter_config.json does not select (PEFT leaves them out), and why
+    unselected: dict[str, str] = field(default_factory=dict)
     base: str | None = None  # as given: a directory or a repo id
     base_matches: bool | None = None
     mismatches: tuple[str, ...] = field(default_factory=tuple)
@@ -93,6 +96,7 @@ def inspect_adapter(
         modules_to_save=tuple(weights.replacements),
         trainable_tokens={module: len(ids) for module, ids in config.trainable_token_indices.items()},
         parameters=sum(math.prod(shape) for shape in weights.shapes.values()),
+        unselected={module_of(key): why for key, why in weights.unselected.items()},
     )
     if base is None:
         return report
@@ -102,7 +106,11 @@ def inspect_adapter(
         inputs = plan_merge(base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True, headers_only=True)
     except (KeyMatchError, ShapeMismatch) as exc:
         return _with_base(report, base, [str(exc)])
-    mismatches = [f"'{key}' matches no tensor of the base" for key in inputs.plan.unused]
+    reasons = inputs.plan.unused_reasons
+    mismatches = [
+        f"'{key}' is {reasons[key]}" if key in reasons else f"'{key}' matches no tensor of the base"
+        for key in inputs.plan.unused
+    ]
     # The planner knows which parameter each expert factor updates, so its scalings are the ones a merge uses.
     planned = {
         task.update.pair.module: task.update.scaling

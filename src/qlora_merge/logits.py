@@ -31,6 +31,7 @@ import gc
 import importlib.util
 import json
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -111,6 +112,21 @@ def compare_logits(
     loaded, or a model that does not take token ids, raise MergeError. Loads each model whole: opt-in only.
     """
     transformers, peft = _import_optional()
+    with _libraries_quiet(transformers):
+        return _compare(transformers, peft, base, adapter, merged, prompt, tolerance, hf_token, adapter_name)
+
+
+def _compare(
+    transformers: Any,
+    peft: Any,
+    base: str | Path,
+    adapter: str | Path,
+    merged: str | Path,
+    prompt: str,
+    tolerance: float | None,
+    hf_token: str | None,
+    adapter_name: str | None,
+) -> LogitsReport:
     merged_dir = Path(merged)
     _, dtype = open_merged(merged_dir)
     limit = default_tolerance(dtype) if tolerance is None else tolerance
@@ -140,6 +156,33 @@ def compare_logits(
     del model
     gc.collect()
     return _report(merged_dir, reference, bare, found, limit, dtype, model_class.__name__, prompt_source)
+
+
+@contextmanager
+def _libraries_quiet(transformers: Any) -> Iterator[None]:
+    """transformers' and the hub's progress bars, logs and warnings held back while the models load and run: what
+    the check prints is ours. With debug logging on (`--debug`) they all show."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    hub_bars_were_off = are_progress_bars_disabled()
+    verbosity = transformers.logging.get_verbosity()
+    bars_were_on = transformers.utils.logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            transformers.utils.logging.enable_progress_bar()
+        if not hub_bars_were_off:
+            enable_progress_bars()
 
 
 def _import_optional() -> tuple[Any, Any]:

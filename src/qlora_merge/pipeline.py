@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,16 @@ from .adapter import read_adapter
 from .adapter.combine import WeightedAdapter, adapter_to_merge, scaled_config
 from .adapter.config import LoraConfig
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
+from .base_choice import check_not_swapped, default_base
 from .card import AdapterSource, Provenance, input_files, shard_checksums, snapshot_commit, write_card
 from .checkpoint.config import read_base_config
 from .checkpoint.format import read_safetensors_header
 from .checkpoint.index import open_checkpoint, open_merged
+from .checkpoint.opened import check_unchanged, opened_files
 from .checkpoint.reader import TensorReader
 from .checkpoint.writer import CheckpointWriter, parse_size
 from .checks import ValueCheck
+from .dtypes import canonical_dtype
 from .errors import CheckpointFormatError, MergeError
 from .keymap import resolve_loader
 from .names import ADAPTER_CONFIG_NAME, WEIGHTS_INDEX_NAME
@@ -30,10 +34,13 @@ from .outputs import (
     check_free_space,
     check_not_inside,
     check_output_free,
+    check_output_path,
     companion_files,
     copy_companions,
     discard,
+    empty_directory,
     make_staging_dir,
+    output_lock,
     publish,
     remove_stale,
     write_config,
@@ -44,7 +51,7 @@ from .remote import RemoteBase, is_repo_ref, remote_base
 from .resolve import resolve_adapter, resolve_base, with_revision
 from .stream import run_plan
 from .variants import Combination, lora_scaling
-from .verify import VerifyReport, check_against_plan
+from .verify import VerifyReport, check_against_plan, check_directory, expected_config
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ class MergeResult:
     tensors_replaced: int = 0
     adapters: tuple[Path, ...] = ()  # every adapter, in the order given (`adapter` is the first)
     adapter_weights: tuple[float, ...] = ()
-    combination: str = ""  # how several adapters were combined
+    combination: str | None = None  # how several adapters were combined; None for one adapter
     subtract: bool = False
     dry_run: bool = False
     config_changes: dict[str, Any] = field(default_factory=dict)
@@ -110,7 +117,7 @@ class Inputs:
     loras: tuple[str, ...] = ()  # per adapter: r, alpha, scaling and variants, for the model card
     base_shards: tuple[str, ...] = ()
     adapter_files: tuple[tuple[str, ...], ...] = ()  # per adapter: its weights file and config
-    combination: str = ""  # with several adapters
+    combination: str | None = None  # with several adapters
     subtract: bool = False
 
     @property
@@ -119,7 +126,7 @@ class Inputs:
 
 
 def merge(
-    base: str | Path,
+    base: str | Path | None,
     adapter: AdapterRef | Sequence[AdapterRef],
     output: str | Path,
     *,
@@ -142,8 +149,9 @@ def merge(
     """Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint to `output`.
 
     `base` and `adapter` are local directories or Hugging Face repo ids (`revision` and `adapter_revision` pin
-    them to a branch, tag or commit). Memory stays at a few tensors whatever the model size. The output appears
-    only when complete; on any error nothing is left behind.
+    them to a branch, tag or commit); `base` None takes the base the adapters name (`base_choice.base_named_by`).
+    Memory stays at a few tensors whatever the model size. The output appears only when complete; on any error
+    nothing is left behind.
     `adapter` may be several adapters, each optionally with a weight (`[("a", 1.0), ("b", 0.5)]`): each is planned
     against the base on its own first, then their weighted deltas are merged in one pass, combined as PEFT's
     `add_weighted_adapter` does (`combine`: "cat", the exact weighted sum of the deltas, or PEFT's "linear").
@@ -157,48 +165,50 @@ def merge(
     What killed merges into the same output left behind is removed first (see `outputs.remove_stale`).
     Raises MergeError (and subclasses) for bad input.
     """
-    if dtype not in OUTPUT_DTYPES:
-        raise MergeError(f"--dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    dtype = canonical_dtype(dtype)
     try:
         max_shard_bytes = parse_size(max_shard_size)
     except ValueError as exc:
         raise MergeError(f"--max-shard-size: {exc}") from exc
-    output = Path(output)
-    base = with_revision(str(base), revision)
-    refs = _adapter_refs(adapter, adapter_revision)
-    how = _combination(combine)
-    if not dry_run:
-        remove_stale(output)
-    timings: dict[str, float] = {}
-    inputs = _prepare(
-        base,
-        refs,
-        output,
-        dtype,
-        loader,
-        hf_token,
-        max_shard_bytes,
-        overwrite,
-        allow_unused,
-        progress,
-        timings,
-        adapter_name=adapter_name,
-        how=how,
-        subtract=subtract,
-    )
-    if dry_run:
-        return _result(inputs, output, dtype, 0, timings, dry_run=True)
-    check_free_space(output, inputs.plan.output_bytes + sum(p.stat().st_size for p in inputs.companions))
-    staging, created = make_staging_dir(output)
-    try:
-        bytes_written, nonfinite = _write(inputs, staging, allow_nonfinite, progress, timings)
-        started = time.perf_counter()
-        progress(ProgressEvent("save", "start", str(output)))
-        checksums, hashes = _finish(inputs, staging, dtype, base, [ref for ref, _ in refs], checksum)
-        publish(staging, output)
-    except BaseException:
-        discard(staging, created)
-        raise
+    output = check_output_path(output)
+    # One merge at a time writes an output: taken before anything costly (downloads, planning), held to the end.
+    with nullcontext() if dry_run else output_lock(output):
+        refs = _adapter_refs(adapter, adapter_revision)
+        base = _base_ref(base, refs, revision, hf_token, adapter_name)
+        how = _combination(combine)
+        if not dry_run:
+            remove_stale(output)  # under the lock: nothing else can be writing there now
+        timings: dict[str, float] = {}
+        inputs = _prepare(
+            base,
+            refs,
+            output,
+            dtype,
+            loader,
+            hf_token,
+            max_shard_bytes,
+            overwrite,
+            allow_unused,
+            progress,
+            timings,
+            adapter_name=adapter_name,
+            how=how,
+            subtract=subtract,
+        )
+        if dry_run:
+            return _result(inputs, output, dtype, 0, timings, dry_run=True)
+        replaceable = empty_directory(output)  # without --overwrite, the only thing the result may take the place of
+        check_free_space(output, inputs.plan.output_bytes + sum(p.stat().st_size for p in inputs.companions))
+        staging, created = make_staging_dir(output)
+        try:
+            bytes_written, nonfinite = _write(inputs, staging, allow_nonfinite, progress, timings)
+            started = time.perf_counter()
+            progress(ProgressEvent("save", "start", str(output)))
+            checksums, hashes = _finish(inputs, staging, dtype, base, [ref for ref, _ in refs], checksum)
+            publish(staging, output, overwrite=overwrite, replaceable=replaceable)
+        except BaseException:
+            discard(staging, created)
+            raise
     timings["save"] = time.perf_counter() - started
     progress(ProgressEvent("save", "done", str(output), elapsed=timings["save"]))
     return replace(
@@ -210,7 +220,7 @@ def merge(
 
 
 def verify(
-    base: str | Path,
+    base: str | Path | None,
     adapter: AdapterRef | Sequence[AdapterRef],
     merged: str | Path,
     *,
@@ -226,7 +236,8 @@ def verify(
 ) -> VerifyReport:
     """Prove that `merged` is `adapter` merged into `base`: every output tensor is derived again, streaming as a
     merge does, and compared byte for byte with the merged files, which must hold nothing else (no LoRA keys).
-    Several adapters, weights, `combine` and `subtract` mean what they mean for `merge`.
+    Several adapters, weights, `combine` and `subtract` mean what they mean for `merge`. The directory must hold
+    no other *.safetensors file (a stale shard) and the config.json the merge writes.
 
     The dtype is the merged checkpoint's own. A mismatch is reported in the result (`ok` is False), not raised;
     inputs that cannot be read raise MergeError as for a merge.
@@ -248,11 +259,14 @@ def verify(
         progress=progress,
     )
     with TensorReader() as reader:
-        return check_against_plan(inputs.plan, merged_index, reader)
+        report = check_against_plan(inputs.plan, merged_index, reader)
+    check_unchanged(opened_files(inputs.plan, merged_index))
+    config = expected_config(inputs.base_config, TORCH_DTYPE_NAMES[OUTPUT_DTYPES[dtype]], inputs.plan.config_changes)
+    return check_directory(report, merged_index, config)
 
 
 def plan_merge(
-    base: str | Path,
+    base: str | Path | None,
     adapter: AdapterRef | Sequence[AdapterRef],
     *,
     dtype: str = "bf16",
@@ -270,11 +284,12 @@ def plan_merge(
     """The inputs resolved and the merge planned, as a dry run plans it; nothing is written (`inspect --base`,
     `verify`). With `headers_only`, a hub base is read from its safetensors headers over HTTP (`remote`), its
     weights never downloaded: the plan can be checked but not run."""
+    refs = _adapter_refs(adapter, adapter_revision)
     return _prepare(
-        with_revision(str(base), revision),
-        _adapter_refs(adapter, adapter_revision),
+        _base_ref(base, refs, revision, hf_token, adapter_name),
+        refs,
         None,
-        dtype,
+        canonical_dtype(dtype),
         loader,
         hf_token,
         parse_size("5GB"),
@@ -287,6 +302,21 @@ def plan_merge(
         subtract=subtract,
         headers_only=headers_only,
     )
+
+
+def _base_ref(
+    base: str | Path | None,
+    adapters: list[tuple[str, float]],
+    revision: str | None,
+    hf_token: str | None,
+    adapter_name: str | None,
+) -> str:
+    """The base given, or else the one the adapters name, pinned to `revision`."""
+    if base is None:
+        named = default_base([ref for ref, _ in adapters], hf_token, adapter_name)
+        log.info("base: %s (base_model_name_or_path in %s)", named.ref, named.source)
+        base = named.ref
+    return with_revision(str(base), revision)
 
 
 def _adapter_refs(adapter: AdapterRef | Sequence[AdapterRef], revision: str | None) -> list[tuple[str, float]]:
@@ -375,6 +405,7 @@ def _prepare(
         remote = _remote_base(base, hf_token) if headers_only else None
         base_dir = remote.index.root if remote is not None else resolve_base(base, hf_token)
         adapter_dirs = [resolve_adapter(ref, hf_token, adapter_name) for ref, _ in adapters]
+        check_not_swapped(base_dir, adapter_dirs, base, [ref for ref, _ in adapters])
         if output is not None:
             check_not_inside(output, [base_dir], may_hold=adapter_dirs)
         base_config = remote.config if remote is not None else read_base_config(base_dir)
@@ -419,7 +450,7 @@ def _prepare(
             config, weights = adapter_to_merge(read, how, subtract)
             plan = plan_for(config, weights)
         rows = coverage(plan, weights)
-        stage.detail = _adapter_detail(config, weights) if len(read) == 1 else _combined_detail(read, how, subtract)
+        stage.detail = _adapter_detail(read[0], subtract) if len(read) == 1 else _combined_detail(read, how, subtract)
     return Inputs(
         base_dir=base_dir,
         adapter_dirs=tuple(adapter_dirs),
@@ -432,7 +463,7 @@ def _prepare(
         loras=tuple(_lora_summary(adapter.config, adapter.weights) for adapter in read),
         base_shards=tuple(sorted(index.weight_file_names)),
         adapter_files=tuple((adapter.weights.path.name, ADAPTER_CONFIG_NAME) for adapter in read),
-        combination=how.value if len(read) > 1 else "",
+        combination=how.value if len(read) > 1 else None,
         subtract=subtract,
     )
 
@@ -480,7 +511,9 @@ def _reshaped(plan: MergePlan) -> list[str]:
     return lines
 
 
-def _adapter_detail(config: Any, weights: AdapterWeights) -> str:
+def _adapter_detail(adapter: WeightedAdapter, subtract: bool) -> str:
+    """One adapter as its config describes it (its own r and alpha); a weight or a subtraction said apart."""
+    config, weights = adapter.config, adapter.weights
     features = [
         name
         for name, on in (
@@ -492,8 +525,10 @@ def _adapter_detail(config: Any, weights: AdapterWeights) -> str:
         )
         if on
     ]
-    return f"{len(weights.pairs)} LoRA modules, r={config.r}, alpha={config.lora_alpha}" + "".join(
-        f", {f}" for f in features
+    applied = [f"weight {adapter.weight:g}"] if adapter.weight != 1.0 else []
+    applied += ["subtracted"] if subtract else []
+    return f"{len(weights.pairs)} LoRA modules, r={config.r}, alpha={config.lora_alpha:g}" + "".join(
+        f", {f}" for f in features + applied
     )
 
 
@@ -611,7 +646,8 @@ def _finish(
             zip(inputs.adapter_dirs, inputs.adapter_files, strict=True), start=1
         )
     ]
-    files = input_files(inputs.base_dir, inputs.base_shards, sources)
+    read = opened_files(inputs.plan)
+    files = input_files(inputs.base_dir, inputs.base_shards, sources, read)
     checksums = shard_checksums(staging, [shard.file_name for shard in inputs.plan.shards]) if checksum else {}
     provenance = Provenance(
         base=base,
@@ -626,10 +662,13 @@ def _finish(
         base_commit=snapshot_commit(inputs.base_dir),
         inputs=tuple(files),
         checksums=checksums,
-        combination=inputs.combination,
+        combination=inputs.combination or "",
         subtract=inputs.subtract,
     )
     write_card(staging, provenance)
+    # Last, once every read is done: a weight file written to in place while it was read may have given bytes
+    # of both versions.
+    check_unchanged(read)
     return checksums, {f"{f.source}/{f.name}": f.sha256 for f in files if f.sha256}
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter.config import LoraConfig
+from .adapter.selection import module_of, unselected_error, warn_unselected
 from .adapter.weights import (
     PEFT_PREFIX,
     AdapterTensor,
@@ -34,9 +35,11 @@ from .checkpoint.writer import OutputTensor, ShardLayout, plan_shards
 from .errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
 from .keymap import EXPERT_LAYOUTS, Loader, is_expert_linear, match_tensors
 from .variants import (
+    GPT2_CONV1D,
     MOE_TRANSPOSED_MODEL_TYPES,
     Layout,
-    is_transposed,
+    conv1d_names,
+    fitting_layouts,
     lora_scaling,
     merged_whole,
     module_rank_alpha,
@@ -140,6 +143,9 @@ class MergePlan:
     config_changes: dict[str, Any] = field(default_factory=dict)
     unused: tuple[str, ...] = ()  # adapter keys that update nothing (only with allow_unused)
     tied_copies: tuple[str, ...] = ()  # adapter keys that mirror tied tensors already merged
+    # why an unused key is unused, where it is not that it matches no base tensor (adapter_config.json leaves its
+    # module out)
+    unused_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_bytes(self) -> int:
@@ -189,7 +195,8 @@ def coverage(plan: MergePlan, weights: AdapterWeights) -> list[CoverageRow]:
     for key in plan.tied_copies:
         rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), "tied copy of the embedding's")
     for key in plan.unused:
-        rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), "unused (--allow-unused)")
+        why = f"{plan.unused_reasons[key]}, " if key in plan.unused_reasons else ""
+        rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), f"unused ({why}--allow-unused)")
     for key, why in weights.redundant.items():
         rows[key] = CoverageRow(key, describe_key(key), weights.shapes[key], "", (), f"not needed: {why}")
     missing = [key for key in weights.shapes if key not in rows]
@@ -225,6 +232,11 @@ def build_plan(
     if config.layer_replication:
         base, changes = replicate_layers(base, base_config, config.layer_replication, weights.path)
     embeddings = find_embeddings(base, base_config)
+    # A module the config leaves out that matches nothing in the base either is reported as matching nothing.
+    stray = _matching_nothing(weights.unselected, base, loader, adapter_file, embeddings)
+    unselected = {key: why for key, why in weights.unselected.items() if key not in stray}
+    if unselected and not allow_unused:
+        raise unselected_error(config, weights, unselected)
 
     expert_updates, expert_modules, unmatched_experts = _expert_updates(weights, config, base, base_config, loader)
     lora_names = {f"{module}.weight": pair for module, pair in weights.pairs.items() if module not in expert_modules}
@@ -232,7 +244,9 @@ def build_plan(
     matched = match_tensors(names, base.tensors, loader, adapter_file, optional=names)
 
     unmatched = [name for name, target in matched.items() if target is None]
+    _refuse_unmergeable([lora_names[name] for name in unmatched if name in lora_names], base, loader, adapter_file)
     head = _tied_head(unmatched, embeddings)
+    orientation = _orientation(base_config, lora_names, matched, base)
     replacements: dict[str, Replacement] = {}
     keys: dict[str, list[str]] = {}
     for name, replacement in weights.replacements.items():
@@ -246,7 +260,9 @@ def build_plan(
         if target is None:
             continue
         entry = base.tensors[target]
-        lora = _lora_updates(weights.path, pair, target, entry, base, config, base_config, replacements.get(target))
+        lora = _lora_updates(
+            weights.path, pair, target, entry, base, config, base_config, replacements.get(target), orientation
+        )
         for output, (update, update_keys) in lora.items():
             updates[output] = update
             keys.setdefault(output, []).extend(update_keys)
@@ -287,6 +303,7 @@ def build_plan(
             out_dtype,
             embeddings,
             same_values,
+            orientation,
         )
         if head_task is None:
             tied_copies.extend(head_keys)
@@ -322,16 +339,22 @@ def build_plan(
             unused.append(weights.replacements[name].key)
         if name in weights.token_deltas:
             unused.append(weights.token_deltas[name].key)
+    unused.extend(stray)
     if unused and not allow_unused:
-        first = unused[0]
-        more = f" (and {len(unused) - 1} more adapter tensors)" if len(unused) > 1 else ""
-        module = _module_of(first)
+        # One short line: the file, the first module, how many more, the fix. The full keys are in --debug's log
+        # and in `inspect`, which lists every unmatched tensor.
+        modules = list(dict.fromkeys(_module_of(key) for key in unused))
+        more = f" (and {len(modules) - 1} more modules)" if len(modules) > 1 else ""
+        log.debug("adapter tensors matching no base tensor: %s", ", ".join(unused))
         raise KeyMatchError(
-            f"{adapter_file}: module '{module}' matches no tensor of the base checkpoint ('{first}', "
-            f"{describe_key(first)}){more}; pass --allow-unused to merge without them"
+            f"{adapter_file}: module '{modules[0]}'{more} matches no tensor of the base checkpoint; "
+            "pass --allow-unused to merge without it"
         )
     for key in unused:
         log.warning("%s: '%s' updates no tensor of the base checkpoint; left out (--allow-unused)", adapter_file, key)
+    if unselected:
+        warn_unselected(config, unselected)
+        unused.extend(unselected)
     _vocab_changes(tasks, base, embeddings, changes, weights.path)
     shards = plan_shards([task.output for task in tasks], max_shard_bytes)
     return MergePlan(
@@ -340,7 +363,27 @@ def build_plan(
         config_changes=changes,
         unused=tuple(unused),
         tied_copies=tuple(tied_copies),
+        unused_reasons={key: f"not selected by adapter_config.json: {why}" for key, why in unselected.items()},
     )
+
+
+def _matching_nothing(
+    unselected: dict[str, str], base: CheckpointIndex, loader: Loader, adapter_file: str, embeddings: Embeddings
+) -> list[str]:
+    """The keys of unselected modules whose weight matches no base tensor (the output head of a tied base
+    matches its embedding)."""
+    modules = {key: module_of(key) for key in unselected}
+    names = list(dict.fromkeys(f"{module}.weight" for module in modules.values()))
+    try:
+        found = match_tensors(names, base.tensors, loader, adapter_file, optional=names)
+    except KeyMatchError:  # ambiguous: it matches something
+        return []
+    tied_head = embeddings.tied and embeddings.input is not None
+    return [
+        key
+        for key, module in modules.items()
+        if found[f"{module}.weight"] is None and not (tied_head and _leaf_module(f"{module}.weight") in OUTPUT_HEADS)
+    ]
 
 
 # The decoder layer lists PEFT's replicate_layers knows: llama-like `layers`, bert's `encoder.layer`, falcon's `h`.
@@ -480,6 +523,7 @@ def _tied_head_task(
     out_dtype: str,
     embeddings: Embeddings,
     same_values: SameValues | None,
+    orientation: Orientation | None = None,
 ) -> tuple[TensorTask | None, tuple[str, ...], Updates]:
     """The output head of a tied base, as the unmerged PeftModel computes it: None while it still equals the merged
     embedding (tying survives), else a task writing it as its own tensor; with the head's adapter keys, and the
@@ -516,7 +560,7 @@ def _tied_head_task(
     update: Update | None = token_update
     lora: Updates = {}
     if head_pair is not None:
-        lora = _lora_updates(weights.path, head_pair, name, entry, base, config, base_config, head_values)
+        lora = _lora_updates(weights.path, head_pair, name, entry, base, config, base_config, head_values, orientation)
         update, lora_keys = lora.pop(name)
         head_keys = lora_keys + tuple(t.key for t in (head_replacement, head_tokens) if t is not None)
     note = f"untied from {entry.name}"
@@ -675,11 +719,12 @@ def _lora_updates(
     config: LoraConfig,
     base_config: dict[str, Any],
     replacement: Replacement | None = None,
+    orientation: Orientation | None = None,
 ) -> Updates:
     """What one LoRA does to the output, per output tensor with the adapter keys it uses: the delta on the weight
     `name` (whose values are `weight`'s, or `replacement`'s), and with lora_bias the bias added to `name`'s bias,
     which the base must have (PEFT cannot merge it either: "the base layer has no bias")."""
-    update = _lora_update(adapter_path, pair, weight, config, base_config, replacement)
+    update = _lora_update(adapter_path, pair, weight, config, base_config, replacement, orientation)
     bias_key = pair.bias_key
     updates: Updates = {name: (update, tuple(k for k in pair.keys if k != bias_key))}
     if pair.bias is None:
@@ -706,6 +751,7 @@ def _lora_update(
     config: LoraConfig,
     base_config: dict[str, Any],
     replacement: Replacement | None = None,
+    orientation: Orientation | None = None,
 ) -> LoraUpdate:
     key = f"{PEFT_PREFIX}{pair.module}"
     if weight.dtype not in FLOAT_DTYPES:
@@ -718,13 +764,26 @@ def _lora_update(
         raise ShapeMismatch(f"{adapter_path}: '{key}' has rank {pair.rank} but adapter_config.json gives it r={r}")
     shape = replacement.shape if replacement is not None else weight.shape
     rows, cols = pair.weight_shape
+    if len(pair.kernel) == 3 and pair.kernel[:2] == (1, 1):
+        # PEFT takes a kernel starting (1, 1) for a 1x1 Conv2d and squeezes two dims of five: its merge fails
+        raise UnsupportedAdapter(
+            f"{adapter_path}: '{key}' is a LoRA on a Conv3d with a {pair.kernel} kernel, which PEFT cannot merge "
+            "either; not supported"
+        )
+    if 0 in shape:
+        raise UnsupportedAdapter(
+            f"{adapter_path}: '{key}' updates '{weight.name}', which is empty {shape}; a LoRA on an empty weight is "
+            "not supported"
+        )
     if pair.embedding:
         layout: Layout | None = Layout.EMBEDDING if shape == (rows, cols) else None
     elif pair.kernel:
         layout = Layout.CONV if shape == (rows, cols, *pair.kernel) else None
     else:
-        transposed = is_transposed(shape, rows, cols, config.fan_in_fan_out, base_config.get("model_type"))
-        layout = None if transposed is None else Layout.CONV1D if transposed else Layout.LINEAR
+        layouts = fitting_layouts(shape, rows, cols)
+        layout = layouts[0] if len(layouts) == 1 else None
+        if len(layouts) == 2:
+            layout = (orientation or _orientation(base_config, {}, {}, None)).square(adapter_path, key, weight.name)
     if layout is None:
         what = "an embedding" if pair.embedding else "a"
         expected = (rows, cols, *pair.kernel)
@@ -737,6 +796,90 @@ def _lora_update(
         layout=layout,
         round_delta=rounds_delta(layout, config.mica, is_expert_linear(weight.name, base_config.get("model_type"))),
     )
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """Whether a square 2-D weight is an nn.Linear's (out, in) or a Conv1D's (in, out), which its shape cannot
+    tell: PEFT decides by the layer's class. Known from the architecture (variants.conv1d_names); for code that is
+    not transformers' own, Conv1D only appears in GPT-2-derived code, under GPT-2's layer names, so only those
+    names are in doubt, and the adapter's non-square layers of those names settle it when they agree."""
+
+    names: frozenset[str] | None  # Conv1D layer names of a known architecture
+    evidence: Layout | None  # the layout of the adapter's non-square GPT-2-named layers, when one
+    unknown_why: str
+
+    def square(self, adapter_path: Path, key: str, weight_name: str) -> Layout:
+        leaf = _strip_base_layers(key.removeprefix(PEFT_PREFIX)).rpartition(".")[2]
+        if self.names is not None:
+            return Layout.CONV1D if leaf in self.names else Layout.LINEAR
+        if leaf not in GPT2_CONV1D:
+            return Layout.LINEAR
+        if self.evidence is not None:
+            return self.evidence
+        raise UnsupportedAdapter(
+            f"{adapter_path}: '{key}' updates the square weight '{weight_name}', stored (out, in) if it is an "
+            f"nn.Linear and (in, out) if it is GPT-2's Conv1D, and which it is cannot be known: {self.unknown_why}, "
+            "and no non-square layer of the adapter named like GPT-2's shows it"
+        )
+
+
+def _orientation(
+    base_config: dict[str, Any],
+    lora_names: dict[str, LoraPair],
+    matched: dict[str, str | None],
+    base: CheckpointIndex | None,
+) -> Orientation:
+    names = conv1d_names(base_config)
+    if names is not None:
+        return Orientation(names, None, "")
+    if base_config.get("auto_map"):
+        why = "the base runs code of its own (auto_map in config.json), not transformers'"
+    elif base_config:
+        why = "config.json names no model_type"
+    else:
+        why = "the base has no config.json naming its architecture"
+    seen: set[Layout] = set()
+    for name, pair in lora_names.items():
+        target = matched.get(name)
+        leaf = _strip_base_layers(pair.module).rpartition(".")[2]
+        if base is None or target is None or pair.embedding or pair.kernel or leaf not in GPT2_CONV1D:
+            continue
+        layouts = fitting_layouts(base.tensors[target].shape, *pair.weight_shape)
+        if len(layouts) == 1:
+            seen.add(layouts[0])
+    return Orientation(None, seen.pop() if len(seen) == 1 else None, why)
+
+
+def _refuse_unmergeable(pairs: list[LoraPair], base: CheckpointIndex, loader: Loader, adapter_file: str) -> None:
+    """LoRA modules that match no base weight because the base holds that layer otherwise: nn.MultiheadAttention
+    (in_proj_weight, and PEFT's LoRA on its out_proj under `base_layer.out_proj`) and quantized layers (GPTQ and
+    AWQ's qweight). Named for what they are, whatever --allow-unused says: leaving them out merges nothing of them."""
+    probes: dict[str, tuple[str, LoraPair]] = {}
+    for pair in pairs:
+        owner = pair.module.split(".base_layer.")[0]
+        probes[f"{owner}.in_proj_weight"] = ("attention", pair)
+        probes[f"{pair.module}.qweight"] = ("quantized", pair)
+    if not probes:
+        return
+    try:
+        found = match_tensors(list(probes), base.tensors, loader, adapter_file, optional=list(probes))
+    except KeyMatchError:
+        return  # ambiguous probes: the ordinary unmatched-module error follows
+    for probe, target in found.items():
+        if target is None:
+            continue
+        what, pair = probes[probe]
+        key = f"{PEFT_PREFIX}{pair.module}.lora_A.weight"
+        if what == "attention":
+            raise UnsupportedAdapter(
+                f"{adapter_file}: '{key}' is a LoRA on nn.MultiheadAttention '{target.rpartition('.')[0]}' (base "
+                f"tensor '{target}'), which qlora-merge does not merge"
+            )
+        raise UnsupportedAdapter(
+            f"{adapter_file}: '{key}' adapts '{target.rpartition('.')[0]}', which the base stores quantized "
+            f"('{target}'); merge into the full-precision base"
+        )
 
 
 def _leaf_module(name: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint.index import read_index
+from .checkpoint.index import read_index, shown_name
 from .errors import CheckpointFormatError, InputNotFound, MergeError, first_line
 from .names import (
     ADAPTER_CONFIG_NAME,
@@ -48,7 +48,11 @@ def with_revision(ref: str, revision: str | None, flag: str = "--revision") -> s
     """`ref` pinned to `revision` (`org/name@revision`): the same as writing it in the reference itself."""
     if revision is None:
         return ref
-    if Path(ref).expanduser().exists():
+    try:
+        local = Path(ref).expanduser().exists()
+    except OSError:  # no usable path, so not a local one: it is judged as a repo id below
+        local = False
+    if local:
         raise MergeError(f"{ref}: {flag} applies to Hugging Face repo ids, and this is a local path")
     match = REPO_REF.fullmatch(ref)
     if match is None:
@@ -123,9 +127,13 @@ def local_dir(ref: str, what: str) -> Path | None:
     if not ref.strip():
         raise InputNotFound(f"{what}: empty path")
     path = Path(ref).expanduser()
-    if path.is_dir():
+    try:
+        is_dir, exists = path.is_dir(), path.exists()
+    except OSError as exc:  # a name longer than the filesystem allows, a path past PATH_MAX, an unreadable parent
+        raise InputNotFound(f"{shown_name(ref)}: {what} directory cannot be opened ({exc.strerror or exc})") from exc
+    if is_dir:
         return path
-    if path.exists():
+    if exists:
         raise InputNotFound(f"{ref}: {what} must be a directory, not a file")
     if not REPO_REF.fullmatch(ref):
         raise InputNotFound(f"{ref}: {what} directory not found{relative_hint(ref)}")
@@ -161,10 +169,18 @@ def _require(root: Path, names: list[str], ref: str) -> None:
     """Offline, the hub returns a cached snapshot as is, even one lacking files: say so rather than fail later."""
     from huggingface_hub import constants
 
-    missing = [name for name in names if not (root / name).is_file()]
+    missing = [name for name in names if not _is_file(root / name)]
     if missing:
         why = "HF_HUB_OFFLINE is set, so it was not downloaded" if constants.is_offline_mode() else "not in the repo"
-        raise InputNotFound(f"{ref}: {missing[0]} is missing from the snapshot {root} ({why})")
+        raise InputNotFound(f"{ref}: {shown_name(missing[0])} is missing from the snapshot {root} ({why})")
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; False for a name no file can have (an index naming one past 255 bytes)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _download(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -35,6 +37,8 @@ from .variants import (
 CONVERT_CHUNK_BYTES = 8 << 20
 
 TensorDone = Callable[[TensorTask, int], None]
+# The torch thread count of whoever runs the plan, which runs its own arithmetic on one thread.
+CALLER_THREADS: ContextVar[int] = ContextVar("caller_threads", default=1)
 
 
 class Workspace:
@@ -106,6 +110,7 @@ def run_plan(
     """
     check = check or ValueCheck()
     threads = torch.get_num_threads()
+    caller = CALLER_THREADS.set(threads)
     torch.set_num_threads(1)
     try:
         blocking = BlockingCheck()
@@ -132,6 +137,17 @@ def run_plan(
                 on_tensor(task, writer.bytes_written)
     finally:
         torch.set_num_threads(threads)
+        CALLER_THREADS.reset(caller)
+
+
+@contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _rows_per_block(task: TensorTask, blocking: BlockingCheck) -> int | None:
@@ -260,10 +276,13 @@ def _merge(
     magnitude = load_factor(update.pair.magnitude, reader) if update.pair.magnitude is not None else None
     if update.layout is Layout.CONV:
         weight = _held_source(task, reader)
-        if magnitude is None:
-            merged = conv_merged(weight, a, b, update.scaling)
-        else:
-            merged = dora_conv(weight, a, b, update.scaling, magnitude)
+        # oneDNN picks its convolution kernel by thread count, and the kernels round differently: the delta is
+        # computed on the caller's threads, as PEFT computes it in the caller's process.
+        with _torch_threads(CALLER_THREADS.get()):
+            if magnitude is None:
+                merged = conv_merged(weight, a, b, update.scaling)
+            else:
+                merged = dora_conv(weight, a, b, update.scaling, magnitude)
         _write_tensor(merged, task, writer, workspace, check)
         return
     if update.whole:

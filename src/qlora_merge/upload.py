@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint.index import read_index
 from .errors import CheckpointFormatError, UploadError, first_line
 from .names import CONFIG_NAME, WEIGHTS_INDEX_NAME
+from .outputs import output_lock
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -71,9 +72,23 @@ def push_to_hub(
     discovery (HF_TOKEN, then the stored login). `private` only applies when the repo is created: the hub does not
     change an existing repo's visibility on upload, so asking for a private push to an existing public repo logs a
     warning and uploads all the same (the result's `private` says what the repo is). `api` is for tests, or a
-    client with another endpoint.
+    client with another endpoint. The output's lock is held shared meanwhile (`outputs.output_lock`): a merge
+    replacing this folder is refused while it uploads, and an upload of a folder a merge is writing is refused.
     """
     folder = Path(folder)
+    with output_lock(folder, shared=True, error=UploadError):
+        return _push(folder, repo_id, private, token, revision, commit_message, api)
+
+
+def _push(
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    token: str | None,
+    revision: str | None,
+    commit_message: str | None,
+    api: HfApi | None,
+) -> UploadResult:
     files = upload_files(folder)
     check_repo_id(repo_id, revision)
     token = token or None  # "" (an empty --hf-token or HF_TOKEN) means none, as for downloads
@@ -301,3 +316,15 @@ def _upload_error(exc: Exception, repo_id: str, revision: str | None, step: str)
 def _server_message(exc: Exception) -> str:
     message = getattr(exc, "server_message", None)
     return first_line(message) if message else first_line(exc)
+
+
+def check_push(ref: str, token: str | None = None) -> tuple[str, str | None]:
+    """Everything about a push that can be known before a merge (repo id and branch, online, a token), so that a
+    merge meant for the hub fails in a second rather than after writing the model. Returns (repo id, branch)."""
+    repo_id, branch = split_repo_ref(ref)
+    _check_online(repo_id)
+    if not token:
+        from huggingface_hub import HfApi
+
+        _check_token(repo_id, None, HfApi())
+    return repo_id, branch

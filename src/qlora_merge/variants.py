@@ -32,10 +32,11 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping
 
 import torch
+
+from .patterns import pattern_keys
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,19 @@ BLOCK_ELEMENTS = 1 << 20
 # The fewest rows a block's B @ A is computed on (see linear_delta_rows).
 MIN_BLOCK_ROWS = 16
 
-# Architectures whose projection layers are transformers' Conv1D, which stores weights as (in, out).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+# transformers' Conv1D (pytorch_utils.Conv1D) stores its weight (in, out); PEFT transposes the delta for it by
+# layer class. These are its layers, by module name, in every architecture of transformers that has any (5.x:
+# GPT-2 and its copies, CLVP's decoder MLP); every other layer there (GPT2DoubleHeads' `summary`, `score`,
+# `lm_head`, CLVP's attention) is an nn.Linear.
+GPT2_CONV1D = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+CONV1D_MODULES = {
+    "gpt2": GPT2_CONV1D,
+    "openai-gpt": GPT2_CONV1D,
+    "imagegpt": GPT2_CONV1D,
+    "decision_transformer": GPT2_CONV1D,
+    "clvp": frozenset({"c_fc", "c_proj"}),
+    "clvp_decoder": frozenset({"c_fc", "c_proj"}),
+}
 
 
 # Architectures whose fused expert weights are (experts, in, out): their experts module sets `is_transposed`.
@@ -68,16 +80,9 @@ class Layout(enum.Enum):
 
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
     """PEFT's `get_pattern_key`: the first pattern that, as a regex, matches the whole module name or its tail
-    after a dot. PEFT does not escape the pattern, so neither do we: `layers.0` also matches `layers_0`."""
-    for key in patterns:
-        if pattern_regex(key).match(module):
-            return key
-    return None
-
-
-def pattern_regex(key: str) -> re.Pattern[str]:
-    """The regex PEFT builds from a rank_pattern/alpha_pattern key; re.error if the key is not a valid regex."""
-    return re.compile(rf"(.*\.)?({key})$")
+    after a dot. PEFT does not escape the pattern, so neither do we: `layers.0` also matches `layers_0`.
+    (patterns.PatternKeys: matched in bounded time, plain names by lookup.)"""
+    return pattern_keys(tuple(patterns)).first(module)
 
 
 def module_rank_alpha(
@@ -97,21 +102,36 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def is_transposed(
-    weight_shape: tuple[int, ...], out_features: int, in_features: int, fan_in_fan_out: bool, model_type: str | None
-) -> bool | None:
-    """Whether the base weight is stored (in, out), as Conv1D does; None if the shapes fit neither way.
+def fitting_layouts(weight_shape: tuple[int, ...], out_features: int, in_features: int) -> tuple[Layout, ...]:
+    """The layouts a 2-D weight of `weight_shape` may have for a LoRA of (out, in): nn.Linear's (out, in),
+    Conv1D's (in, out), both for a square weight (see conv1d_names), or none."""
+    found = []
+    if weight_shape == (out_features, in_features):
+        found.append(Layout.LINEAR)
+    if weight_shape == (in_features, out_features):
+        found.append(Layout.CONV1D)
+    return tuple(found)
 
-    PEFT decides by layer class (Conv1D forces fan_in_fan_out on, nn.Linear forces it off). Without a model class
-    the shape decides; only square weights need to know the architecture, or the config flag when it is unknown.
-    """
-    fits_linear = weight_shape == (out_features, in_features)
-    fits_conv1d = weight_shape == (in_features, out_features)
-    if fits_linear and fits_conv1d:
-        return model_type in CONV1D_MODEL_TYPES if model_type else fan_in_fan_out
-    if fits_linear or fits_conv1d:
-        return fits_conv1d
-    return None
+
+def conv1d_names(base_config: dict[str, object]) -> frozenset[str] | None:
+    """The module names (last part) that are Conv1D layers in the base's architecture, from config.json's
+    model_type (and its sub-models': a VisionEncoderDecoder with a GPT-2 decoder); None when the model's code is
+    not transformers' own and so unknown: no config.json, no model_type, or code of its own (`auto_map`)."""
+    if base_config.get("auto_map"):
+        return None
+    types = _model_types(base_config)
+    if not types:
+        return None
+    return frozenset().union(*(CONV1D_MODULES.get(model_type, frozenset()) for model_type in types))
+
+
+def _model_types(config: dict[str, object], depth: int = 0) -> set[str]:
+    found = {config["model_type"]} if isinstance(config.get("model_type"), str) else set()
+    if depth < 3:
+        for value in config.values():
+            if isinstance(value, dict):
+                found |= _model_types(value, depth + 1)
+    return found  # type: ignore[return-value]
 
 
 def adapter_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,15 +3,21 @@ with the merged checkpoint on disk.
 
 The derivation is the merge engine itself (`stream.run_plan`) writing into a comparing sink instead of shards, so
 the check streams like a merge: flat memory, any size. It catches a merged checkpoint that is corrupt, truncated,
-made from another base or adapter, missing tensors, carrying extra ones (a LoRA key left behind, a stale shard),
-or of another dtype or shape. That the engine's math equals PEFT's is what the oracle tests prove.
+made from another base or adapter, missing tensors, carrying extra ones (a LoRA key left behind), or of another
+dtype or shape. Beyond the tensors the checkpoint's layout names, the directory is checked too (`check_directory`):
+a stale *.safetensors file beside them, which loaders that read every such file load as well, and a config.json
+that is missing or not the one the merge writes (another architecture, dtype, vocab_size or tying would load the
+right tensors into the wrong model). That the engine's math equals PEFT's is what the oracle tests prove.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import asdict, dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy
 import torch
@@ -19,6 +25,8 @@ import torch
 from .checkpoint.format import TensorEntry
 from .checkpoint.index import CheckpointIndex
 from .checkpoint.reader import TensorReader
+from .names import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .outputs import write_config
 from .plan import MergePlan
 from .stream import run_plan
 
@@ -75,6 +83,116 @@ def check_against_plan(plan: MergePlan, merged: CheckpointIndex, reader: TensorR
         lora_keys=lora_keys,
         details=dict(sink.details),
     )
+
+
+# config.json fields that say who wrote the file, not what the model is: transformers writes its own version, and
+# PEFT's save_pretrained() (whose output verifies) may run under another one than the base was saved with.
+CONFIG_PROVENANCE = frozenset({"transformers_version", "_name_or_path", "_commit_hash"})
+# The same field under the name older (torch_dtype) and newer (dtype) transformers give it.
+DTYPE_ALIASES = {"torch_dtype": "dtype"}
+SHOWN_CONFIG_DIFFERENCES = 3
+
+
+def expected_config(base_config: dict[str, Any], dtype_name: str, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """The config.json a merge of these inputs writes (outputs.write_config's own output), or None where it writes
+    none (the base has no config.json)."""
+    if not base_config:
+        return None
+    with tempfile.TemporaryDirectory(prefix="qlora-merge-verify-") as directory:
+        write_config(base_config, dtype_name, Path(directory), changes)
+        return json.loads((Path(directory) / CONFIG_NAME).read_text())
+
+
+def check_directory(report: VerifyReport, merged: CheckpointIndex, config: dict[str, Any] | None) -> VerifyReport:
+    """`report` with what the merged directory holds besides the tensors its layout names: every *.safetensors
+    file the layout leaves out (`unexpected`), and config.json against `config`, the one the merge writes
+    (`missing`, `mismatched`, or `unexpected` where the merge writes none); each with its reason in `details`."""
+    unexpected, missing, mismatched = list(report.unexpected), list(report.missing), list(report.mismatched)
+    details = dict(report.details)
+    layout = _layout_name(merged)
+    for path in sorted(merged.root.glob("*.safetensors")):
+        # Hidden files are not read by loaders, which glob as the shell does.
+        if path.name not in merged.weight_file_names and not path.name.startswith(".") and path.is_file():
+            unexpected.append(path.name)
+            details[path.name] = (
+                f"a stale weight file: not part of the checkpoint ({layout}), but loaders that read every "
+                "*.safetensors file load it too"
+            )
+    path = merged.root / CONFIG_NAME
+    if config is None:
+        if path.exists():
+            unexpected.append(CONFIG_NAME)
+            details[CONFIG_NAME] = "the base has no config.json, so the merge writes none"
+    elif not path.is_file():
+        missing.append(CONFIG_NAME)
+        details[CONFIG_NAME] = "the base has a config.json, so the merge writes one"
+    else:
+        differences = _config_differences(path, config)
+        if differences:
+            mismatched.append(CONFIG_NAME)
+            shown = "; ".join(differences[:SHOWN_CONFIG_DIFFERENCES])
+            more = len(differences) - SHOWN_CONFIG_DIFFERENCES
+            details[CONFIG_NAME] = f"not the one the merge writes: {shown}" + (f"; {more} more" if more > 0 else "")
+    return replace(
+        report,
+        unexpected=tuple(unexpected),
+        missing=tuple(missing),
+        mismatched=tuple(mismatched),
+        details=details,
+    )
+
+
+def _layout_name(merged: CheckpointIndex) -> str:
+    if (merged.root / WEIGHTS_INDEX_NAME).is_file():
+        return f"{WEIGHTS_INDEX_NAME} does not name it"
+    if merged.weight_file_names == {WEIGHTS_NAME}:
+        return f"{WEIGHTS_NAME} holds it all"
+    return "not one of its numbered shards"
+
+
+def _config_differences(path: Path, expected: dict[str, Any]) -> list[str]:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:
+        return [f"not readable JSON ({str(exc)[:80]})"]
+    if not isinstance(found, dict):
+        return ["not a JSON object"]
+    return _differences(found, expected, "")
+
+
+def _differences(found: dict[str, Any], expected: dict[str, Any], prefix: str) -> list[str]:
+    """Each field that differs, by name: every field counts but who wrote the file (CONFIG_PROVENANCE), and the
+    dtype under either of its names."""
+    found, expected = _comparable(found), _comparable(expected)
+    lines = []
+    for key in list(expected) + [k for k in found if k not in expected]:
+        name = f"{prefix}{key}"
+        if key not in found:
+            lines.append(f"'{name}' is missing ({_shown(expected[key])} expected)")
+        elif key not in expected:
+            lines.append(f"'{name}' is {_shown(found[key])}, which the merge does not write")
+        elif isinstance(found[key], dict) and isinstance(expected[key], dict):
+            lines += _differences(found[key], expected[key], f"{name}.")
+        elif found[key] != expected[key] or isinstance(found[key], bool) != isinstance(expected[key], bool):
+            lines.append(f"'{name}' is {_shown(found[key])} ({_shown(expected[key])} expected)")
+    return lines
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    comparable = {}
+    for key, value in config.items():
+        if key in CONFIG_PROVENANCE:
+            continue
+        alias = DTYPE_ALIASES.get(key, key)
+        if alias != key and alias in config:
+            continue  # both names: the newer one is what transformers reads
+        comparable[alias] = value
+    return comparable
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 class _ComparingSink:

@@ -6,14 +6,18 @@ from pathlib import Path
 
 from ..errors import AdapterFormatError
 from .config import LoraConfig, read_adapter_config
+from .selection import check_patterns, select_modules
 from .weights import PEFT_PREFIX, AdapterWeights, read_adapter_weights
 
 
 def read_adapter(directory: Path) -> tuple[LoraConfig, AdapterWeights]:
-    """The adapter's config and weights, each validated, and checked against each other."""
+    """The adapter's config and weights, each validated, and checked against each other; the LoRA modules the
+    config does not select are set apart (`AdapterWeights.unselected`), as PEFT leaves them out."""
     config = read_adapter_config(directory)
     weights = read_adapter_weights(directory)
     _check_config_agrees(config, weights)
+    weights = select_modules(config, weights)
+    check_patterns(config, weights.pairs)
     return config, weights
 
 

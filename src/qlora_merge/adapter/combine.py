@@ -73,13 +73,8 @@ def combine(adapters: list[WeightedAdapter], how: Combination) -> tuple[LoraConf
     accounted for in the coverage."""
     for adapter in adapters:
         _check_combinable(adapter, how)
+    # (fan_in_fan_out may differ: PEFT lays out each layer's delta by the layer's class, and so do we)
     first = adapters[0].config
-    for adapter in adapters[1:]:
-        if adapter.config.fan_in_fan_out != first.fan_in_fan_out:
-            raise UnsupportedAdapter(
-                f"{adapter.config.path}: fan_in_fan_out is {adapter.config.fan_in_fan_out} but "
-                f"{first.path} has {first.fan_in_fan_out}; they adapt differently laid out weights"
-            )
     ranks = [_largest_rank(adapter.config) for adapter in adapters]
     if how is Combination.LINEAR and len(set(ranks)) > 1:
         shown = ", ".join(
@@ -96,9 +91,11 @@ def combine(adapters: list[WeightedAdapter], how: Combination) -> tuple[LoraConf
     pairs = {module: _combined_pair(module, found, adapters, how, rank) for module, found in modules.items()}
     shapes: dict[str, tuple[int, ...]] = {}
     redundant: dict[str, str] = {}
+    unselected: dict[str, str] = {}
     for index, adapter in enumerate(adapters):
         shapes.update({label(index) + key: shape for key, shape in adapter.weights.shapes.items()})
         redundant.update({label(index) + key: why for key, why in adapter.weights.redundant.items()})
+        unselected.update({label(index) + key: why for key, why in adapter.weights.unselected.items()})
     config = dataclasses.replace(
         first,
         r=rank,
@@ -115,6 +112,7 @@ def combine(adapters: list[WeightedAdapter], how: Combination) -> tuple[LoraConf
         replacements={},
         shapes=shapes,
         redundant=redundant,
+        unselected=unselected,
     )
     return config, weights
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import AdapterFormatError, InputNotFound, UnsupportedAdapter
 from ..names import ADAPTER_CONFIG_NAME
-from ..variants import pattern_regex
+from ..patterns import PatternError, PatternTooComplex, pattern_keys
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ KNOWN_FIELDS = frozenset(
     }
 )
 # LoRA variants whose merge is not W + scale * B @ A (or DoRA): refused by name rather than merged wrongly.
+# (use_qalora is not one: PEFT applies it to GPTQ layers only, and merges it into any other base as plain LoRA.)
 UNSUPPORTED_VARIANTS = {
-    "use_qalora": "QA-LoRA (use_qalora)",
     "use_bdlora": "block-diagonal LoRA (use_bdlora)",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "arrow_config": "Arrow routing (arrow_config)",
@@ -107,6 +107,12 @@ class LoraConfig:
     modules_to_save: tuple[str, ...] | None = None
     # layer_replication: [start, end) ranges of base layers stacked into the adapted model's layers
     layer_replication: tuple[tuple[int, int], ...] = ()
+    # PEFT's selection of the modules it adapts (see adapter.selection)
+    exclude_modules: tuple[str, ...] | str | None = None
+    layers_to_transform: tuple[int, ...] | int | None = None
+    layers_pattern: tuple[str, ...] | str | None = None
+    ensure_weight_tying: bool = False
+    task_type: str | None = None
 
 
 def read_adapter_config(directory: Path) -> LoraConfig:
@@ -143,10 +149,15 @@ def read_adapter_config(directory: Path) -> LoraConfig:
     bias = raw.get("bias", "none")
     if bias not in ("none", "all", "lora_only"):
         raise AdapterFormatError(f"{path}: 'bias' must be 'none', 'all' or 'lora_only', got {_short(bias)}")
-    # Checked though not used: whether the head mirrors the embedding is checked by value, not taken from here.
-    _bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False))
-    target_modules = raw.get("target_modules")
+    # Whether a head LoRA mirrors the embedding's is checked by value, not taken from here; the flag only tells
+    # which modules PEFT adapts.
+    ensure_weight_tying = _bool(path, "ensure_weight_tying", raw.get("ensure_weight_tying", False))
+    target_modules = _names(path, "target_modules", raw.get("target_modules"), regex_allowed=True)
+    target_parameters = tuple(
+        _names(path, "target_parameters", raw.get("target_parameters"), regex_allowed=False) or ()
+    )
     modules_to_save = raw.get("modules_to_save")
+    selection = _selection_fields(path, raw, target_modules, target_parameters)
     return LoraConfig(
         path=path,
         r=_positive_int(path, "r", raw.get("r", 8)),
@@ -160,13 +171,52 @@ def read_adapter_config(directory: Path) -> LoraConfig:
         lora_bias=_bool(path, "lora_bias", raw.get("lora_bias", False)),
         mica=isinstance(init, str) and init.lower() == "mica",
         trainable_token_indices=_token_indices(path, raw.get("trainable_token_indices")),
-        target_modules=_names(path, "target_modules", target_modules, regex_allowed=True),
+        target_modules=target_modules,
         modules_to_save=_names(path, "modules_to_save", modules_to_save, regex_allowed=False),
-        target_parameters=tuple(
-            _names(path, "target_parameters", raw.get("target_parameters"), regex_allowed=False) or ()
-        ),
+        target_parameters=target_parameters,
         layer_replication=_layer_ranges(path, raw.get("layer_replication")),
+        ensure_weight_tying=ensure_weight_tying,
+        task_type=raw.get("task_type") if isinstance(raw.get("task_type"), str) else None,
+        **selection,
     )
+
+
+def _selection_fields(
+    path: Path, raw: dict[str, Any], target_modules: tuple[str, ...] | str | None, target_parameters: tuple[str, ...]
+) -> dict[str, Any]:
+    """exclude_modules, layers_to_transform and layers_pattern, checked as PEFT's LoraConfig checks them (its
+    ValueErrors are refusals here: PEFT cannot load such an adapter)."""
+    if target_modules == () and not target_parameters:
+        raise AdapterFormatError(
+            f"{path}: 'target_modules' is empty and there are no target_parameters: the adapter adapts nothing "
+            "(PEFT refuses to load it)"
+        )
+    exclude = _names(path, "exclude_modules", raw.get("exclude_modules"), regex_allowed=True)
+    layers = raw.get("layers_to_transform")
+    if layers is not None and not _is_int(layers):
+        if not isinstance(layers, list) or not all(_is_int(i) for i in layers):
+            raise AdapterFormatError(
+                f"{path}: 'layers_to_transform' must be a layer number or a list of them, got {_short(layers)}"
+            )
+        layers = tuple(layers)
+    pattern = raw.get("layers_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        if not isinstance(pattern, list) or not all(isinstance(p, str) for p in pattern):
+            raise AdapterFormatError(
+                f"{path}: 'layers_pattern' must be a string or a list of them, got {_short(pattern)}"
+            )
+        pattern = tuple(pattern)
+    if isinstance(target_modules, str) and layers is not None:
+        raise AdapterFormatError(f"{path}: 'layers_to_transform' cannot be used when 'target_modules' is a str")
+    if isinstance(target_modules, str) and pattern is not None:
+        raise AdapterFormatError(f"{path}: 'layers_pattern' cannot be used when 'target_modules' is a str")
+    if pattern and layers is None:
+        raise AdapterFormatError(f"{path}: 'layers_pattern' is set, so 'layers_to_transform' must be set too")
+    return {"exclude_modules": exclude, "layers_to_transform": layers, "layers_pattern": pattern}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _layer_ranges(path: Path, value: Any) -> tuple[tuple[int, int], ...]:
@@ -222,14 +272,27 @@ def _dict(path: Path, raw: dict[str, Any], key: str) -> list[tuple[str, Any]]:
     value = raw.get(key) or {}
     if not isinstance(value, dict):
         raise AdapterFormatError(f"{path}: '{key}' must be an object, got {type(value).__name__}")
-    for pattern in value:
-        try:
-            pattern_regex(pattern)
-        except re.error as exc:
-            raise AdapterFormatError(
-                f"{path}: '{key}' key {pattern!r} is not a usable regular expression ({exc})"
-            ) from exc
+    try:
+        pattern_keys(tuple(value))
+    except PatternError as exc:
+        raise AdapterFormatError(
+            f"{path}: '{key}' key {_short(exc.key, 80)} is not a usable regular expression ({exc.reason})"
+        ) from exc
     return list(value.items())
+
+
+def check_regex(path: Path, key: str, pattern: str) -> None:
+    """A regex-valued field must compile (PEFT would raise re.error loading it)."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise AdapterFormatError(
+            f"{path}: '{key}' {_short(pattern, 80)} is not a usable regular expression ({exc})"
+        ) from exc
+
+
+def pattern_refusal(path: Path, key: str, pattern: str, exc: PatternTooComplex) -> UnsupportedAdapter:
+    return UnsupportedAdapter(f"{path}: '{key}' {_short(pattern, 80)}: {exc}; simplify the regular expression")
 
 
 def _positive_int(path: Path, key: str, value: Any) -> int:

@@ -135,6 +135,8 @@ class AdapterWeights:
     shapes: dict[str, tuple[int, ...]]  # every key of the file and its shape
     redundant: dict[str, str]  # keys PEFT saves but its merged model does not use, and why
     token_deltas: dict[str, TokenDelta] = field(default_factory=dict)
+    # keys of LoRA modules adapter_config.json does not select, which PEFT leaves out, and why (see selection)
+    unselected: dict[str, str] = field(default_factory=dict)
 
 
 def find_weights_file(directory: Path) -> Path:
@@ -248,7 +250,14 @@ def _checked_pair(path: Path, module: str, found: dict[str, tuple[str, AdapterTe
         raise AdapterFormatError(
             f"{path}: '{key}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not matrices"
         )
-    if a.shape[0] != b.shape[1]:
+    rank, b_rank = int(a.shape[0]), int(b.shape[1])
+    if conv and 0 < b_rank < rank and rank % b_rank == 0:
+        # PEFT gives lora_B the base layer's groups: each of its output channels sees rank / groups of A's
+        raise UnsupportedAdapter(
+            f"{path}: '{key}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are a LoRA on a grouped "
+            f"convolution (groups={rank // b_rank}), which PEFT cannot merge either; not supported"
+        )
+    if rank != b_rank:
         raise ShapeMismatch(f"{path}: '{key}' lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} disagree on rank")
     for part_key, tensor in found.values():
         _check_float(path, part_key, tensor)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointFormatError
+from .opened import open_input
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -67,15 +68,31 @@ class SafetensorsFile:
 
 
 def read_safetensors_header(path: Path) -> SafetensorsFile:
-    """Parse and validate the header of one .safetensors file without reading its data."""
+    """Parse and validate the header of one .safetensors file without reading its data. The file is opened once,
+    here: its entries carry the descriptor (see opened.py), so its tensors are read from the file this header
+    describes even if the path is replaced later."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            header_len = header_length(path, f.read(8), size)
-            raw = f.read(header_len)
+        carrier = open_input(path)
+        opened = carrier.opened
+        assert opened is not None
+        header_len = header_length(path, _pread_exactly(opened.fd, 8, 0), opened.size)
+        raw = _pread_exactly(opened.fd, header_len, 8)
     except OSError as exc:
         raise CheckpointFormatError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    return parse_safetensors_header(path, raw, size)
+    return parse_safetensors_header(carrier, raw, opened.size)
+
+
+def _pread_exactly(fd: int, count: int, offset: int) -> bytes:
+    """`count` bytes from `offset`, or fewer only at the end of the file."""
+    pieces = []
+    while count > 0:
+        piece = os.pread(fd, count, offset)
+        if not piece:
+            break
+        pieces.append(piece)
+        count -= len(piece)
+        offset += len(piece)
+    return b"".join(pieces)
 
 
 def header_length(path: Path, prefix: bytes, size: int) -> int:

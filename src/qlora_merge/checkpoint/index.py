@@ -18,7 +18,7 @@ from ..names import (
     shard_name,
 )
 from .format import SafetensorsFile, TensorEntry, read_safetensors_header
-from .pickled import convert_pickle_shards
+from .pickled import open_pickle_shards
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def open_checkpoint(root: Path) -> CheckpointIndex:
         else:
             file_names, expected = [PICKLE_NAME], None
         sources = [_inside(root, name, index_path) for name in file_names]
-        files = tuple(read_safetensors_header(path) for path in convert_pickle_shards(sources))
+        files = open_pickle_shards(sources)
         # The index's names are not checked against the files: a tied weight pickled twice is converted once.
         return indexed(root, files, None, index_path)
     if index_path.is_file():
@@ -121,12 +121,31 @@ def _inside(root: Path, name: str, named_by: Path) -> Path:
     """A weight file named by an index must stay inside the checkpoint: no absolute paths, '..' or outward links."""
     candidate = root / name
     if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise CheckpointFormatError(f"{named_by}: weight file '{name}' points outside the checkpoint directory")
-    if not candidate.is_file():
-        raise InputNotFound(f"{candidate}: weight file named by {named_by.name} is missing")
+        raise CheckpointFormatError(
+            f"{named_by}: weight file '{shown_name(name)}' points outside the checkpoint directory"
+        )
+    try:
+        is_file = candidate.is_file()
+    except OSError as exc:  # ENAMETOOLONG: a name past 255 bytes or a path past PATH_MAX, which no file can have
+        raise CheckpointFormatError(
+            f"{named_by}: weight file '{shown_name(name)}' is not a usable file name ({exc.strerror or exc})"
+        ) from exc
+    if not is_file:
+        raise InputNotFound(f"{root / shown_name(name)}: weight file named by {named_by.name} is missing")
     if not candidate.resolve().is_relative_to(root.resolve()) and not _hub_blob(root, candidate):
         raise CheckpointFormatError(f"{named_by}: weight file '{name}' links outside the checkpoint directory")
     return candidate
+
+
+# Longer names (a corrupt index, a mistyped path) are cut short in messages, which stay one readable line.
+SHOWN_NAME_CHARS = 120
+
+
+def shown_name(name: str) -> str:
+    """`name` for a message: as it is, or its start and its length when it is longer than SHOWN_NAME_CHARS."""
+    if len(name) <= SHOWN_NAME_CHARS:
+        return name
+    return f"{name[: SHOWN_NAME_CHARS - 20]}... ({len(name)} characters)"
 
 
 def _hub_blob(root: Path, candidate: Path) -> bool:

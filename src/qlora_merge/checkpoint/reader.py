@@ -13,21 +13,27 @@ import torch
 
 from ..errors import CheckpointFormatError
 from .format import TensorEntry
+from .opened import OpenedFile, opened_file
 
 
 class TensorReader:
-    """Keeps one descriptor per file open and reads tensors with pread, so memory holds only what is asked for."""
+    """Keeps one descriptor per file open and reads tensors with pread, so memory holds only what is asked for.
+
+    A path that carries the descriptor its header was read from (opened.InputPath) is read through that file,
+    never reopened by name: the bytes read are those the plan was made from."""
 
     def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[Path | OpenedFile, int] = {}
 
     def fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
+        opened = opened_file(path)
+        key = opened or path
+        fd = self._fds.get(key)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
+            fd = opened.reopen() if opened is not None else os.open(path, os.O_RDONLY)
             # The merge reads every file front to back: a sequential hint doubles the kernel's readahead window.
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._fds[path] = fd
+            self._fds[key] = fd
         return fd
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
