@@ -24,7 +24,7 @@ from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import OutputError, merge
 from qlora_merge.cli import main
-from qlora_merge.outputs import remove_stale
+from qlora_merge.outputs.staging import remove_stale
 
 # A pid no process can have: larger than the kernel's largest.
 DEAD_PID = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
@@ -198,17 +198,17 @@ def test_an_old_output_parked_by_a_killed_merge_is_put_back(small: tuple[Path, P
 def test_staging_dir_is_hidden_and_names_its_process(
     small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import qlora_merge.pipeline
+    import qlora_merge.api
 
     base, adapter = small
     names: list[str] = []
-    real_finish = qlora_merge.pipeline._finish
+    real_finish = qlora_merge.api._finish
 
     def finish(inputs: object, staging: Path, *args: object) -> object:
         names.append(staging.name)
         return real_finish(inputs, staging, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.pipeline, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
     merge(base, adapter, tmp_path / "out")
     assert len(names) == 1 and names[0].startswith(f".out.partial-{os.getpid()}-")
 
@@ -254,7 +254,7 @@ def test_enough_free_space_is_not_refused(
     small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The near miss: exactly the planned bytes plus the headroom is enough."""
-    from qlora_merge.outputs import SPACE_HEADROOM_BYTES
+    from qlora_merge.outputs.staging import SPACE_HEADROOM_BYTES
 
     base, adapter = small
     planned = merge(base, adapter, tmp_path / "dry", dry_run=True).bytes_written
@@ -327,7 +327,7 @@ def test_an_index_that_disagrees_with_the_shards_is_never_published(
 ) -> None:
     """The index's total_size is checked against the plan too, not only its names: loaders trust it."""
     from qlora_merge import CheckpointFormatError
-    from qlora_merge.checkpoint import writer as writer_module
+    from qlora_merge.outputs import safetensors as writer_module
 
     base, adapter = small
     real_index_json = writer_module.index_json

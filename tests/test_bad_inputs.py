@@ -24,7 +24,7 @@ from factories import make_adapter, make_base
 from safetensors.torch import load_file, save_file
 
 import qlora_merge
-import qlora_merge.pipeline
+import qlora_merge.api
 from qlora_merge import (
     AdapterFormatError,
     CheckpointFormatError,
@@ -113,10 +113,12 @@ def edit_adapter_tensors(src: Sources, tmp: Path, edit: Callable[[dict[str, torc
     return Bad(src.base, adapter, path)
 
 
-def add_adapter_tensor(key: str, shape: tuple[int, ...]) -> Callable[[Sources, Path], Bad]:
+def add_adapter_tensor(key: str, shape: tuple[int, ...], culprit: str | None = None) -> Callable[[Sources, Path], Bad]:
+    """An adapter with one more tensor `key`; the error names `culprit` (the key, unless said otherwise)."""
+
     def build(src: Sources, tmp: Path) -> Bad:
         bad = edit_adapter_tensors(src, tmp, lambda t: t.update({key: torch.ones(shape)}))
-        bad.culprit = key
+        bad.culprit = culprit or key
         return bad
 
     return build
@@ -518,7 +520,7 @@ CASES: list[tuple[str, Callable[[Sources, Path], Bad], type[MergeError], str]] =
     ),
     (
         "replacement-matching-nothing",
-        add_adapter_tensor("base_model.model.model.no_such_module.weight", (64,)),
+        add_adapter_tensor("base_model.model.model.no_such_module.weight", (64,), "module 'model.no_such_module'"),
         KeyMatchError,
         "matches no tensor.*--allow-unused",
     ),
@@ -700,7 +702,7 @@ def test_internal_error_exits_1_and_shows_traceback_only_with_debug(
     def broken(*args: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(qlora_merge.pipeline, "run_plan", broken)
+    monkeypatch.setattr(qlora_merge.api, "run_plan", broken)
     bad = Bad(sources.base, sources.adapter, "")
 
     code, _, err = run_cli(bad, tmp_path / "out")
@@ -721,7 +723,7 @@ def test_interrupt_exits_130_and_leaves_nothing(
     def interrupted(*args: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qlora_merge.pipeline, "run_plan", interrupted)
+    monkeypatch.setattr(qlora_merge.api, "run_plan", interrupted)
     code, _, err = run_cli(Bad(sources.base, sources.adapter, ""), tmp_path / "out")
     assert code == 130
     assert err.splitlines() == ["qlora-merge: interrupted; no output was written"]

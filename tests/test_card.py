@@ -13,8 +13,8 @@ from test_resolve import BASE_REPO, COMMIT, add_to_cache, hub_cache  # noqa: F40
 from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import __version__, merge
-from qlora_merge.card import AdapterSource, Provenance, model_card
 from qlora_merge.cli import main
+from qlora_merge.outputs.card import AdapterSource, Provenance, model_card
 
 ROW = re.compile(r"^\| (\S+\.safetensors) \| ([0-9a-f]{64}) \|$", re.MULTILINE)
 INPUT_ROW = re.compile(r"^\| (base|adapter) \| (\S+) \| (\d+) \| ([0-9a-f]{64}|not hashed) \|$", re.MULTILINE)

@@ -19,7 +19,7 @@ from factories import assert_same_tensors, make_adapter, make_base, read_tensors
 from qlora_merge import cli, merge, verify
 from qlora_merge.cli import adapter_refs, main
 from qlora_merge.errors import MergeError, ShapeMismatch, UnsupportedAdapter
-from qlora_merge.upload import UploadError, UploadResult, split_repo_ref
+from qlora_merge.outputs.upload import UploadError, UploadResult, split_repo_ref
 
 
 def peft_combined(

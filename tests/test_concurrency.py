@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from tiny_checkpoints import llama_checkpoint
 
-from qlora_merge import OutputError, merge, outputs
+from qlora_merge import OutputError, merge
 from qlora_merge.cli import main
 from qlora_merge.errors import UploadError
-from qlora_merge.outputs import lock_path, output_lock
-from qlora_merge.upload import push_to_hub
+from qlora_merge.outputs import staging as outputs
+from qlora_merge.outputs.staging import lock_path, output_lock
+from qlora_merge.outputs.upload import push_to_hub
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
 ADAPTERS = ("adapter", "adapter-attention")
@@ -195,13 +196,13 @@ def test_an_output_that_appears_while_merging_is_never_replaced_without_overwrit
 ) -> None:
     """Another program (one that ignores the lock) creates the output during the merge. Without --overwrite the
     final move refuses it, even an empty directory; with --overwrite it is replaced."""
-    import qlora_merge.pipeline
+    import qlora_merge.api
 
     base, adapter = small
     output = tmp_path / "out"
     if not exchange:  # a kernel, libc or filesystem without renameat2: checked, then renamed, under the lock
         monkeypatch.setattr(outputs, "_RENAMEAT2", None)
-    real_finish = qlora_merge.pipeline._finish
+    real_finish = qlora_merge.api._finish
 
     def finish(*args: object, **kwargs: object) -> object:
         output.mkdir()
@@ -209,7 +210,7 @@ def test_an_output_that_appears_while_merging_is_never_replaced_without_overwrit
             (output / "theirs.txt").write_text("someone else's")
         return real_finish(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.pipeline, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
     with pytest.raises(OutputError, match="appeared while merging and was left alone; nothing was written"):
         merge(base, adapter, output)
     assert sorted(p.name for p in output.iterdir()) == (["theirs.txt"] if intruder == "a file" else [])
@@ -232,18 +233,18 @@ def test_an_empty_directory_there_at_the_start_is_taken(small: tuple[Path, Path]
 def test_an_empty_directory_filled_while_merging_is_not_replaced(
     small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import qlora_merge.pipeline
+    import qlora_merge.api
 
     base, adapter = small
     output = tmp_path / "out"
     output.mkdir()
-    real_finish = qlora_merge.pipeline._finish
+    real_finish = qlora_merge.api._finish
 
     def finish(*args: object, **kwargs: object) -> object:
         (output / "theirs.txt").write_text("someone else's")
         return real_finish(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.pipeline, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
     with pytest.raises(OutputError, match="appeared while merging"):
         merge(base, adapter, output)
     assert [p.name for p in output.iterdir()] == ["theirs.txt"]

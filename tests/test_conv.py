@@ -13,7 +13,7 @@ from factories import assert_same_tensors, read_tensors
 
 from qlora_merge import merge, verify
 from qlora_merge.errors import MergeError
-from qlora_merge.variants import conv_delta
+from qlora_merge.merging.variants import conv_delta
 
 
 def tiny(kind: str) -> Any:

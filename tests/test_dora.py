@@ -10,8 +10,9 @@ import torch
 from factories import assert_same_tensors, logits, make_adapter, make_base, peft_merge, read_tensors
 from safetensors.torch import load_file, save_file
 
-from qlora_merge import merge, variants
-from qlora_merge.variants import (
+from qlora_merge import merge
+from qlora_merge.merging import variants
+from qlora_merge.merging.variants import (
     MIN_BLOCK_ROWS,
     Layout,
     blocks_match_whole,

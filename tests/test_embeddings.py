@@ -12,7 +12,8 @@ import torch
 from factories import assert_same_tensors, logits, make_adapter, make_base, peft_merge, read_config, read_tensors
 from safetensors.torch import load_file
 
-from qlora_merge import ShapeMismatch, merge, variants
+from qlora_merge import ShapeMismatch, merge
+from qlora_merge.merging import variants
 
 EMBED = "model.embed_tokens.weight"
 

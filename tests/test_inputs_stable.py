@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from test_pickle_base import pickle_base
 
 from qlora_merge import MergeError, merge
-from qlora_merge.checkpoint.format import read_safetensors_header
-from qlora_merge.checkpoint.reader import TensorReader
+from qlora_merge.inputs.format import read_safetensors_header
+from qlora_merge.inputs.reader import TensorReader
 from qlora_merge.progress import ProgressEvent
 
 

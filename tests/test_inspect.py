@@ -11,8 +11,8 @@ from factories import MOE_PARAMETERS, make_adapter, make_base
 from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import inspect_adapter
-from qlora_merge.checkpoint.reader import TensorReader
 from qlora_merge.cli import main
+from qlora_merge.inputs.reader import TensorReader
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

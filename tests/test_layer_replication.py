@@ -83,9 +83,9 @@ def test_replication_beyond_the_base_layers_is_refused(tmp_path: Path) -> None:
 def test_the_decoder_layer_list_is_replicated_not_an_extra_head() -> None:
     """A multimodal checkpoint with a one-layer `mtp.layers` beside the language model's layers: the longest list
     is the decoder's. Copies read the base layer's bytes; other tensors keep their place."""
-    from qlora_merge.checkpoint.format import TensorEntry
-    from qlora_merge.checkpoint.index import CheckpointIndex
-    from qlora_merge.plan import replicate_layers
+    from qlora_merge.inputs.format import TensorEntry
+    from qlora_merge.inputs.index import CheckpointIndex
+    from qlora_merge.plan.matching import replicate_layers
 
     names = [
         "model.language_model.embed_tokens.weight",

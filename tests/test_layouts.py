@@ -12,7 +12,7 @@ from factories import assert_same_tensors, logits, make_adapter, make_base, peft
 from safetensors.torch import save_file
 
 from qlora_merge import KeyMatchError, OutputError, merge
-from qlora_merge import stream as stream_module
+from qlora_merge.merging import stream as stream_module
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +211,8 @@ def test_a_failed_final_rename_puts_the_old_output_back(
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("previous merge")
-    from qlora_merge import OutputError, outputs
+    from qlora_merge import OutputError
+    from qlora_merge.outputs import staging as outputs
 
     real_rename = outputs._rename
 

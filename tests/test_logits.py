@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from qlora_merge import merge
 from qlora_merge.errors import InputNotFound, MergeError
-from qlora_merge.logits import MISSING_DEPENDENCIES, MissingDependency, compare_logits, default_tolerance
+from qlora_merge.verification.logits import MISSING_DEPENDENCIES, MissingDependency, compare_logits, default_tolerance
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 

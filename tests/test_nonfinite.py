@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from tiny_checkpoints import PEFT_PREFIX, llama_checkpoint
 
 from qlora_merge import NonFiniteValues, merge
-from qlora_merge.checks import count_nonfinite
 from qlora_merge.cli import main
+from qlora_merge.merging.checks import count_nonfinite
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 HIDDEN = 32

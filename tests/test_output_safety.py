@@ -22,10 +22,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_checkpoints import llama_checkpoint
 
-from qlora_merge import OutputError, merge, outputs
+from qlora_merge import OutputError, merge
 from qlora_merge.cli import main
 from qlora_merge.interrupts import Interrupted
-from qlora_merge.outputs import RENAME_EXCHANGE, remove_stale, sibling_stem
+from qlora_merge.outputs import staging as outputs
+from qlora_merge.outputs.staging import RENAME_EXCHANGE, remove_stale, sibling_stem
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
 DEAD_PID = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
@@ -238,7 +239,7 @@ def test_a_signal_during_the_swap_waits_for_it(
 def test_a_second_ctrl_c_during_cleanup_does_not_leave_the_staging_dir(
     small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import qlora_merge.pipeline
+    import qlora_merge.api
 
     base, adapter = small
 
@@ -252,7 +253,7 @@ def test_a_second_ctrl_c_during_cleanup_does_not_leave_the_staging_dir(
         time.sleep(0.01)
         real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.pipeline, "run_plan", interrupted)
+    monkeypatch.setattr(qlora_merge.api, "run_plan", interrupted)
     monkeypatch.setattr(outputs.shutil, "rmtree", rmtree)
     code, err = run_cli(base, adapter, tmp_path / "out")
     assert code == 130 and err.splitlines() == [INTERRUPTED]
@@ -418,19 +419,19 @@ def test_a_long_valid_name_merges_with_short_sibling_names(
     small: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Names of 228-255 bytes are valid; `.NAME.partial-PID-XXXXXXXX` of them would not be."""
-    import qlora_merge.pipeline
+    import qlora_merge.api
 
     base, adapter = small
     name = "m" * 250
     seen: list[str] = []
-    real_finish = qlora_merge.pipeline._finish
+    real_finish = qlora_merge.api._finish
 
     def finish(inputs: object, staging: Path, *args: object, **kwargs: object) -> object:
         seen.append(staging.name)
         seen.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".lock"))
         return real_finish(inputs, staging, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.pipeline, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
     merge(base, adapter, tmp_path / name)
     assert (tmp_path / name / "model.safetensors").is_file()
     assert len(seen) == 2 and all(len(n) <= 255 for n in seen), seen

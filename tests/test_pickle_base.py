@@ -17,10 +17,10 @@ import torch
 from factories import make_adapter, make_base, read_tensors
 
 from qlora_merge import merge, verify
-from qlora_merge.checkpoint import pickled
-from qlora_merge.checkpoint.index import open_checkpoint
-from qlora_merge.checkpoint.reader import TensorReader
 from qlora_merge.errors import CheckpointFormatError, MergeError
+from qlora_merge.inputs import pickled
+from qlora_merge.inputs.index import open_checkpoint
+from qlora_merge.inputs.reader import TensorReader
 
 
 def pickle_base(safetensors_base: Path, directory: Path, shards: int) -> Path:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qlora_merge.checkpoint.reader import ByteRange, ReadAhead
 from qlora_merge.errors import CheckpointFormatError
+from qlora_merge.inputs.reader import ByteRange, ReadAhead
 
 
 def data_file(tmp_path: Path) -> Path:

@@ -20,10 +20,10 @@ from huggingface_hub.utils import close_session
 from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import inspect_adapter
-from qlora_merge.checkpoint.index import open_checkpoint
-from qlora_merge.checkpoint.reader import TensorReader
 from qlora_merge.errors import CheckpointFormatError, InputNotFound, MergeError
-from qlora_merge.remote import HeadersNeedNetwork, HeadersNeedSafetensors, is_repo_ref, remote_base
+from qlora_merge.inputs.index import open_checkpoint
+from qlora_merge.inputs.reader import TensorReader
+from qlora_merge.inputs.remote import HeadersNeedNetwork, HeadersNeedSafetensors, is_repo_ref, remote_base
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OLD_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -278,7 +278,7 @@ def test_the_planner_runs_on_the_remote_index(
     tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch, no_tensor_reads: None
 ) -> None:
     """What `inspect --base org/model` does once integrated: the planner on the header-only index, unchanged."""
-    from qlora_merge import pipeline
+    from qlora_merge import api as pipeline
 
     base, adapter = llama_checkpoint(tmp_path, layers=2, shards=2)
     hub.add("org/tiny", base)

@@ -29,7 +29,7 @@ from huggingface_hub.utils import filter_repo_objects
 from qlora_merge import merge
 from qlora_merge.cli import main
 from qlora_merge.errors import InputNotFound
-from qlora_merge.resolve import resolve_adapter, resolve_base
+from qlora_merge.inputs.resolve import resolve_adapter, resolve_base
 
 BASE_REPO = "org/tiny-llama"
 ADAPTER_REPO = "org/tiny-lora"

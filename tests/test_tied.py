@@ -17,10 +17,11 @@ import torch
 from factories import assert_same_tensors, logits, make_adapter, make_base, peft_merge, read_config, read_tensors
 from safetensors.torch import load_file, save_file
 
-from qlora_merge import UnsupportedAdapter, merge, pipeline
-from qlora_merge.checkpoint.format import read_safetensors_header
-from qlora_merge.checkpoint.reader import TensorReader
-from qlora_merge.outputs import write_config
+from qlora_merge import UnsupportedAdapter, merge
+from qlora_merge import api as pipeline
+from qlora_merge.inputs.format import read_safetensors_header
+from qlora_merge.inputs.reader import TensorReader
+from qlora_merge.outputs.staging import write_config
 
 EMBED = {"qwen2": "model.embed_tokens.weight", "gemma": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight"}
 

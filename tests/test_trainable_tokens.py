@@ -10,7 +10,8 @@ import torch
 from factories import assert_same_tensors, logits, make_adapter, make_base, peft_merge, read_config, read_tensors
 from safetensors.torch import load_file
 
-from qlora_merge import merge, stream
+from qlora_merge import merge
+from qlora_merge.merging import stream
 
 EMBED = "model.embed_tokens.weight"
 PROMPT = [1, 3, 9, 150, 7, 5, 2, 101]  # trained tokens 3, 150 and 5 included

@@ -25,7 +25,7 @@ from huggingface_hub.hf_api import CommitInfo, ModelInfo, RepoUrl
 
 from qlora_merge import __version__, merge
 from qlora_merge.errors import MergeError
-from qlora_merge.upload import UploadError, UploadResult, push_to_hub, split_repo_ref, upload_files
+from qlora_merge.outputs.upload import UploadError, UploadResult, push_to_hub, split_repo_ref, upload_files
 
 REPO = "me/tiny-merged"
 OID = "0123456789abcdef0123456789abcdef01234567"
@@ -247,7 +247,7 @@ def test_existing_public_repo_asked_private_is_refused(tmp_path: Path, online: N
 
 def test_existing_private_repo_stays_private(tmp_path: Path, online: None, caplog) -> None:
     api = FakeApi(existing_private=True)
-    with caplog.at_level(logging.WARNING, logger="qlora_merge.upload"):
+    with caplog.at_level(logging.WARNING, logger="qlora_merge.outputs.upload"):
         result = push_to_hub(fake_merge(tmp_path / "merged"), REPO, token="hf_test", api=api)  # type: ignore[arg-type]
     assert result.private is True
     assert caplog.text == ""
@@ -255,7 +255,7 @@ def test_existing_private_repo_stays_private(tmp_path: Path, online: None, caplo
 
 def test_unreadable_visibility_is_only_a_warning(tmp_path: Path, online: None, caplog) -> None:
     api = FakeApi(fail={"repo_info": http_error(HfHubHTTPError, 500)})
-    with caplog.at_level(logging.WARNING, logger="qlora_merge.upload"):
+    with caplog.at_level(logging.WARNING, logger="qlora_merge.outputs.upload"):
         result = push_to_hub(fake_merge(tmp_path / "merged"), REPO, token="hf_test", api=api)  # type: ignore[arg-type]
     assert result.private is None
     assert "could not read the repo's visibility" in caplog.text

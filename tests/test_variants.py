@@ -9,8 +9,9 @@ import pytest
 import torch
 from factories import assert_same_tensors, make_adapter, make_base, peft_merge, read_tensors
 
-from qlora_merge import merge, variants
-from qlora_merge.variants import (
+from qlora_merge import merge
+from qlora_merge.merging import variants
+from qlora_merge.merging.variants import (
     MIN_BLOCK_ROWS,
     BlockingCheck,
     blocks_match_whole,
@@ -155,7 +156,7 @@ def test_merge_rows_returns_the_sum_before_rounding(weight_dtype: torch.dtype) -
 def test_conv1d_names_follow_the_architecture() -> None:
     """Square weights' layout by layer class: Conv1D names per architecture, sub-models included; None when the
     model's code is not transformers' own."""
-    from qlora_merge.variants import Layout, conv1d_names, fitting_layouts
+    from qlora_merge.merging.variants import Layout, conv1d_names, fitting_layouts
 
     assert conv1d_names({"model_type": "gpt2"}) == {"c_attn", "q_attn", "c_proj", "c_fc"}
     assert conv1d_names({"model_type": "clvp_decoder"}) == {"c_fc", "c_proj"}

@@ -124,7 +124,7 @@ def test_merge_with_verify_flag(merged: tuple[Path, Path, Path], tmp_path: Path)
 
 
 def test_verify_logits_on_the_command_line(merged: tuple[Path, Path, Path], tmp_path: Path) -> None:
-    """`verify --logits` adds the model-level check (qlora_merge.logits, tested there) after the tensor check: a
+    """`verify --logits` adds the model-level check (verification.logits, tested there) after the tensor check: a
     merge that passes both exits 0; a model whose weights are another adapter's merge fails both (exit 3)."""
     base, adapter, out = merged
     stdout, err = io.StringIO(), io.StringIO()

@@ -14,9 +14,9 @@ from factories import assert_same_tensors, make_adapter, make_base, peft_merge, 
 from safetensors import safe_open
 
 from qlora_merge import OutputError, merge
-from qlora_merge.checkpoint import writer as writer_module
-from qlora_merge.checkpoint.format import TORCH_TO_NAME, read_safetensors_header
-from qlora_merge.checkpoint.writer import CheckpointWriter, OutputTensor, plan_shards
+from qlora_merge.inputs.format import TORCH_TO_NAME, read_safetensors_header
+from qlora_merge.outputs import safetensors as writer_module
+from qlora_merge.outputs.safetensors import CheckpointWriter, OutputTensor, plan_shards
 
 
 def odd_tensors() -> dict[str, torch.Tensor]:

@@ -84,7 +84,7 @@ def reference_merge(base: Path, adapter: Path, dtype: torch.dtype = torch.bfloat
     """W + scale * (B @ A) in float32, rounded once, for every base tensor an adapter module names; the rest as they
     are (floating-point ones converted to `dtype`). Reads the files with the safetensors library, not with
     qlora-merge's reader."""
-    from qlora_merge.variants import lora_scaling, module_rank_alpha
+    from qlora_merge.merging.variants import lora_scaling, module_rank_alpha
 
     config: dict[str, Any] = json.loads((adapter / "adapter_config.json").read_text())
     lora = load_file(adapter / "adapter_model.safetensors")

@@ -21,11 +21,11 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .api import MergeResult, merge, verify
     from .axolotl import AxolotlMerge, merge_from_axolotl, read_axolotl_config
     from .inspection import AdapterReport, inspect_adapter
-    from .pipeline import MergeResult, merge, verify
     from .progress import ProgressEvent
-    from .verify import VerifyReport
+    from .verification.tensors import VerifyReport
 
 # The module of each public name, imported on first use (PEP 562): `import qlora_merge` stays light, so that the
 # command installs its Ctrl-C and SIGTERM handlers (interrupts.run_console) before torch is imported.
@@ -35,11 +35,11 @@ _LAZY = {
     "read_axolotl_config": "axolotl",
     "AdapterReport": "inspection",
     "inspect_adapter": "inspection",
-    "MergeResult": "pipeline",
-    "merge": "pipeline",
-    "verify": "pipeline",
+    "MergeResult": "api",
+    "merge": "api",
+    "verify": "api",
     "ProgressEvent": "progress",
-    "VerifyReport": "verify",
+    "VerifyReport": "verification.tensors",
 }
 
 __version__ = "0.1.0"
@@ -72,7 +72,7 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        value = importlib.import_module(f".{name}", __name__)  # a submodule, as `qlora_merge.pipeline`
+        value = importlib.import_module(f".{name}", __name__)  # a submodule, as `qlora_merge.api`
     else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value

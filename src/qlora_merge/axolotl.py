@@ -10,9 +10,9 @@ from typing import Any
 
 import yaml
 
+from .api import MergeResult, merge
 from .dtypes import canonical_dtype
 from .errors import InputNotFound, MergeError
-from .pipeline import MergeResult, merge
 
 log = logging.getLogger(__name__)
 

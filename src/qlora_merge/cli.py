@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import NoReturn, TextIO, TypeVar
 
 from . import __version__
+from .api import COMBINATIONS, MergeResult, merge, verify
 from .axolotl import read_axolotl_config
-from .base_choice import default_base
 from .dtypes import CANONICAL_DTYPES, canonical_dtype
 from .errors import MergeError
+from .inputs.base_choice import default_base
+from .inputs.resolve import with_revision
 from .inspection import AdapterReport, inspect_adapter
-from .logits import compare_logits
-from .pipeline import COMBINATIONS, MergeResult, merge, verify
+from .outputs.upload import UploadResult, check_push, push_to_hub
 from .progress import ProgressEvent, human_bytes, ignore_progress
-from .resolve import with_revision
-from .upload import UploadResult, check_push, push_to_hub
-from .verify import VerifyReport
+from .verification.logits import compare_logits
+from .verification.tensors import VerifyReport
 
 T = TypeVar("T")
 

@@ -12,10 +12,10 @@ from typing import Any
 from .adapter import read_adapter
 from .adapter.selection import module_of
 from .errors import KeyMatchError, ShapeMismatch
+from .inputs.resolve import resolve_adapter
+from .merging.variants import lora_scaling, module_rank_alpha
 from .names import ADAPTER_CONFIG_NAME
-from .plan import ExpertUpdate, LoraUpdate
-from .resolve import resolve_adapter
-from .variants import lora_scaling, module_rank_alpha
+from .plan.matching import ExpertUpdate, LoraUpdate
 
 # The first number in a module name is its layer: model.layers.12.self_attn.q_proj, transformer.h.3.attn.c_attn.
 LAYER_NUMBER = re.compile(r"\.(\d+)\.")
@@ -100,7 +100,7 @@ def inspect_adapter(
     )
     if base is None:
         return report
-    from .pipeline import plan_merge  # the pipeline imports much more; inspecting without a base needs none of it
+    from .api import plan_merge  # the pipeline imports much more; inspecting without a base needs none of it
 
     try:
         inputs = plan_merge(base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True, headers_only=True)

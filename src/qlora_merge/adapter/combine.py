@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ShapeMismatch, UnsupportedAdapter
-from ..variants import Combination, adapter_dtype, linear_coefficients, lora_scaling, module_rank_alpha, weighted_alpha
+from ..merging.variants import (
+    Combination,
+    adapter_dtype,
+    linear_coefficients,
+    lora_scaling,
+    module_rank_alpha,
+    weighted_alpha,
+)
 from .config import LoraConfig
 from .weights import AdapterTensor, AdapterWeights, CombinedFactor, LoraPair, dtype_of
 

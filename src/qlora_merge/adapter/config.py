@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import AdapterFormatError, InputNotFound, UnsupportedAdapter
 from ..names import ADAPTER_CONFIG_NAME
-from ..patterns import PatternError, PatternTooComplex, pattern_keys
+from .patterns import PatternError, PatternTooComplex, pattern_keys
 
 log = logging.getLogger(__name__)
 

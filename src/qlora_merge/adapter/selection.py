@@ -16,8 +16,8 @@ import re
 from collections.abc import Iterable
 
 from ..errors import AdapterFormatError
-from ..patterns import PatternError, PatternTooComplex, is_plain, pattern_keys, safe_regex
 from .config import LoraConfig, check_regex, pattern_refusal
+from .patterns import PatternError, PatternTooComplex, is_plain, pattern_keys, safe_regex
 from .weights import PEFT_PREFIX, AdapterWeights, LoraPair
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.format import DTYPES, FLOAT_DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
-from ..checkpoint.pickled import load_plain_tensors
-from ..checkpoint.reader import TensorReader
 from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, ShapeMismatch, UnsupportedAdapter
+from ..inputs.format import DTYPES, FLOAT_DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
+from ..inputs.pickled import load_plain_tensors
+from ..inputs.reader import TensorReader
+from ..merging.variants import Combination, adapter_dtype, combined_factor
 from ..names import ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
-from ..variants import Combination, adapter_dtype, combined_factor
 
 PEFT_PREFIX = "base_model.model."
 TOKEN_DELTA = ".token_adapter.trainable_tokens_delta"

@@ -16,20 +16,23 @@ from .adapter import read_adapter
 from .adapter.combine import WeightedAdapter, adapter_to_merge, scaled_config
 from .adapter.config import LoraConfig
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
-from .base_choice import check_not_swapped, default_base
-from .card import AdapterSource, Provenance, input_files, shard_checksums, snapshot_commit, write_card
-from .checkpoint.config import read_base_config
-from .checkpoint.format import read_safetensors_header
-from .checkpoint.index import open_checkpoint, open_merged
-from .checkpoint.opened import check_unchanged, opened_files
-from .checkpoint.reader import TensorReader
-from .checkpoint.writer import CheckpointWriter, parse_size
-from .checks import ValueCheck
 from .dtypes import canonical_dtype
 from .errors import CheckpointFormatError, MergeError
-from .keymap import resolve_loader
+from .inputs.base_choice import check_not_swapped, default_base
+from .inputs.config import read_base_config
+from .inputs.format import read_safetensors_header
+from .inputs.index import open_checkpoint, open_merged
+from .inputs.opened import check_unchanged, opened_files
+from .inputs.reader import TensorReader
+from .inputs.remote import RemoteBase, is_repo_ref, remote_base
+from .inputs.resolve import resolve_adapter, resolve_base, with_revision
+from .merging.checks import ValueCheck
+from .merging.stream import run_plan
+from .merging.variants import Combination, lora_scaling
 from .names import ADAPTER_CONFIG_NAME, WEIGHTS_INDEX_NAME
-from .outputs import (
+from .outputs.card import AdapterSource, Provenance, input_files, shard_checksums, snapshot_commit, write_card
+from .outputs.safetensors import CheckpointWriter, parse_size
+from .outputs.staging import (
     adapter_tokenizer_files,
     check_free_space,
     check_not_inside,
@@ -45,13 +48,19 @@ from .outputs import (
     remove_stale,
     write_config,
 )
-from .plan import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, Action, CoverageRow, MergePlan, TensorTask, build_plan, coverage
+from .plan.keymap import resolve_loader
+from .plan.matching import (
+    OUTPUT_DTYPES,
+    TORCH_DTYPE_NAMES,
+    Action,
+    CoverageRow,
+    MergePlan,
+    TensorTask,
+    build_plan,
+    coverage,
+)
 from .progress import ProgressCallback, ProgressEvent, human_bytes, ignore_progress
-from .remote import RemoteBase, is_repo_ref, remote_base
-from .resolve import resolve_adapter, resolve_base, with_revision
-from .stream import run_plan
-from .variants import Combination, lora_scaling
-from .verify import VerifyReport, check_against_plan, check_directory, expected_config
+from .verification.tensors import VerifyReport, check_against_plan, check_directory, expected_config
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ from contextvars import ContextVar
 
 import torch
 
-from .adapter.weights import AdapterTensor, dtype_of, load_factor, read_tensor
-from .checkpoint.format import DTYPES, TensorEntry
-from .checkpoint.reader import ByteRange, ReadAhead, TensorReader
-from .checkpoint.writer import CheckpointWriter
+from ..adapter.weights import AdapterTensor, dtype_of, load_factor, read_tensor
+from ..inputs.format import DTYPES, TensorEntry
+from ..inputs.reader import ByteRange, ReadAhead, TensorReader
+from ..outputs.safetensors import CheckpointWriter
+from ..plan.matching import Action, BiasUpdate, ExpertUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
 from .checks import ValueCheck
-from .plan import Action, BiasUpdate, ExpertUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
 from .variants import (
     MIN_BLOCK_ROWS,
     BlockingCheck,

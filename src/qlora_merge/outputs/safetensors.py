@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, OutputError
+from ..inputs.format import encode_header, tensor_nbytes
 from ..names import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, shard_name
-from .format import encode_header, tensor_nbytes
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}

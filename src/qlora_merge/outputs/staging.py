@@ -19,10 +19,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import MergeError, OutputError
-from .interrupts import Interrupted, deferred_signals
-from .names import ADAPTER_CONFIG_NAME, PICKLE_INDEX_NAME, WEIGHTS_INDEX_NAME
-from .progress import human_bytes
+from ..errors import MergeError, OutputError
+from ..interrupts import Interrupted, deferred_signals
+from ..names import ADAPTER_CONFIG_NAME, PICKLE_INDEX_NAME, WEIGHTS_INDEX_NAME
+from ..progress import human_bytes
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .errors import NonFiniteValues
+from ..errors import NonFiniteValues
 
 log = logging.getLogger(__name__)
 

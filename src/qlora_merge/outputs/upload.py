@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint.index import read_index
-from .errors import CheckpointFormatError, UploadError, first_line
-from .names import CONFIG_NAME, WEIGHTS_INDEX_NAME
-from .outputs import output_lock
+from ..errors import CheckpointFormatError, UploadError, first_line
+from ..inputs.index import read_index
+from ..names import CONFIG_NAME, WEIGHTS_INDEX_NAME
+from .staging import output_lock
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -99,7 +99,7 @@ def _push(
         api = HfApi()
     _check_token(repo_id, token, api)
     if commit_message is None:
-        from . import __version__
+        from .. import __version__
 
         commit_message = f"Upload merged model (qlora-merge {__version__})"
     size = sum((folder / name).stat().st_size for name in files)

@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 
-from .errors import UnsupportedAdapter
+from ..errors import UnsupportedAdapter
 
 log = logging.getLogger(__name__)
 

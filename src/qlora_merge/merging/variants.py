@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from .patterns import pattern_keys
+from ..adapter.patterns import pattern_keys
 
 log = logging.getLogger(__name__)
 

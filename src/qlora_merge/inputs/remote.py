@@ -15,10 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .checkpoint.config import read_base_config
-from .checkpoint.format import SafetensorsFile, header_length, parse_safetensors_header
-from .checkpoint.index import CheckpointIndex, check_complete_shard_set, indexed, read_index
-from .errors import (
+from ..errors import (
     CheckpointFormatError,
     HeadersNeedNetwork,
     HeadersNeedSafetensors,
@@ -26,7 +23,10 @@ from .errors import (
     MergeError,
     first_line,
 )
-from .names import CONFIG_NAME, PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..names import CONFIG_NAME, PICKLE_WEIGHTS, SHARD_PATTERN, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from .config import read_base_config
+from .format import SafetensorsFile, header_length, parse_safetensors_header
+from .index import CheckpointIndex, check_complete_shard_set, indexed, read_index
 from .resolve import REPO_REF, hub_errors, local_dir, split_ref
 
 if TYPE_CHECKING:

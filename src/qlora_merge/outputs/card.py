@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint.opened import OpenedFile
+from ..inputs.opened import OpenedFile
 
 CARD_NAME = "README.md"
 HASH_CHUNK_BYTES = 8 << 20

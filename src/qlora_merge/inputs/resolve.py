@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint.index import read_index, shown_name
-from .errors import CheckpointFormatError, InputNotFound, MergeError, first_line
-from .names import (
+from ..errors import CheckpointFormatError, InputNotFound, MergeError, first_line
+from ..names import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_PICKLE_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -17,7 +16,8 @@ from .names import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
 )
-from .outputs import TOKENIZER_FILES
+from ..outputs.staging import TOKENIZER_FILES
+from .index import read_index, shown_name
 
 # "org/name", optionally "@revision" (branch, tag, commit or refs/pr/N). The namespace is required: a bare "name"
 # is far more likely a mistyped local directory than one of the hub's few legacy un-namespaced repos. Paths starting

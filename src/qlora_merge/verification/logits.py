@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint.index import open_merged
-from .errors import CheckpointFormatError, MergeError, MissingDependency
-from .resolve import resolve_adapter, resolve_base
+from ..errors import CheckpointFormatError, MergeError, MissingDependency
+from ..inputs.index import open_merged
+from ..inputs.resolve import resolve_adapter, resolve_base
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from typing import Any
 import numpy
 import torch
 
-from .checkpoint.format import TensorEntry
-from .checkpoint.index import CheckpointIndex
-from .checkpoint.reader import TensorReader
-from .names import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from .outputs import write_config
-from .plan import MergePlan
-from .stream import run_plan
+from ..inputs.format import TensorEntry
+from ..inputs.index import CheckpointIndex
+from ..inputs.reader import TensorReader
+from ..merging.stream import run_plan
+from ..names import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..outputs.staging import write_config
+from ..plan.matching import MergePlan
 
 # The merged checkpoint is read back in pieces of at most this many bytes, compared with what the merge produces.
 COMPARE_CHUNK_BYTES = 8 << 20

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputNotFound, MergeError
-from .names import ADAPTER_CONFIG_NAME, CONFIG_NAME, PICKLE_WEIGHTS, SHARD_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from ..errors import InputNotFound, MergeError
+from ..names import ADAPTER_CONFIG_NAME, CONFIG_NAME, PICKLE_WEIGHTS, SHARD_GLOB, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from .resolve import REPO_REF, resolve_adapter, with_revision
 
 

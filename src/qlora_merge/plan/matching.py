@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter.config import LoraConfig
-from .adapter.selection import module_of, unselected_error, warn_unselected
-from .adapter.weights import (
+from ..adapter.config import LoraConfig
+from ..adapter.selection import module_of, unselected_error, warn_unselected
+from ..adapter.weights import (
     PEFT_PREFIX,
     AdapterTensor,
     AdapterWeights,
@@ -29,12 +29,10 @@ from .adapter.weights import (
     TokenDelta,
     describe_key,
 )
-from .checkpoint.format import DTYPES, FLOAT_DTYPES, TensorEntry
-from .checkpoint.index import CheckpointIndex
-from .checkpoint.writer import OutputTensor, ShardLayout, plan_shards
-from .errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
-from .keymap import EXPERT_LAYOUTS, Loader, is_expert_linear, match_tensors
-from .variants import (
+from ..errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
+from ..inputs.format import DTYPES, FLOAT_DTYPES, TensorEntry
+from ..inputs.index import CheckpointIndex
+from ..merging.variants import (
     GPT2_CONV1D,
     MOE_TRANSPOSED_MODEL_TYPES,
     Layout,
@@ -45,6 +43,8 @@ from .variants import (
     module_rank_alpha,
     rounds_delta,
 )
+from ..outputs.safetensors import OutputTensor, ShardLayout, plan_shards
+from .keymap import EXPERT_LAYOUTS, Loader, is_expert_linear, match_tensors
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import KeyMatchError, MergeError
+from ..errors import KeyMatchError, MergeError
 
 # --loader names that select a known multimodal layout, and the prefix their language model lives under.
 LANGUAGE_MODEL_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
