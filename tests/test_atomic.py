@@ -202,13 +202,13 @@ def test_staging_dir_is_hidden_and_names_its_process(
 
     base, adapter = small
     names: list[str] = []
-    real_finish = qlora_merge.api._finish
+    real_finish = qlora_merge.api.finish_output
 
     def finish(inputs: object, staging: Path, *args: object) -> object:
         names.append(staging.name)
         return real_finish(inputs, staging, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "finish_output", finish)
     merge(base, adapter, tmp_path / "out")
     assert len(names) == 1 and names[0].startswith(f".out.partial-{os.getpid()}-")
 

@@ -18,8 +18,9 @@ from tiny_checkpoints import llama_checkpoint
 from qlora_merge import OutputError, merge
 from qlora_merge.cli import main
 from qlora_merge.errors import UploadError
+from qlora_merge.outputs import lock
 from qlora_merge.outputs import staging as outputs
-from qlora_merge.outputs.staging import lock_path, output_lock
+from qlora_merge.outputs.lock import lock_path, output_lock
 from qlora_merge.outputs.upload import push_to_hub
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-llama"
@@ -157,12 +158,12 @@ def test_a_lock_file_removed_by_its_holder_while_taken_is_not_trusted(
         calls.append(fd)
         real_flock(fd, how)
 
-    monkeypatch.setattr(outputs.fcntl, "flock", flock)
+    monkeypatch.setattr(lock.fcntl, "flock", flock)
     with output_lock(output):
         assert len(calls) == 2, "took the file again"
         there, held = os.stat(path), os.fstat(calls[-1])
         assert (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
-        monkeypatch.setattr(outputs.fcntl, "flock", real_flock)
+        monkeypatch.setattr(lock.fcntl, "flock", real_flock)
         with pytest.raises(OutputError, match="another merge"), output_lock(output):  # the one at the path is held
             pass
     assert not path.exists()
@@ -202,7 +203,7 @@ def test_an_output_that_appears_while_merging_is_never_replaced_without_overwrit
     output = tmp_path / "out"
     if not exchange:  # a kernel, libc or filesystem without renameat2: checked, then renamed, under the lock
         monkeypatch.setattr(outputs, "_RENAMEAT2", None)
-    real_finish = qlora_merge.api._finish
+    real_finish = qlora_merge.api.finish_output
 
     def finish(*args: object, **kwargs: object) -> object:
         output.mkdir()
@@ -210,7 +211,7 @@ def test_an_output_that_appears_while_merging_is_never_replaced_without_overwrit
             (output / "theirs.txt").write_text("someone else's")
         return real_finish(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "finish_output", finish)
     with pytest.raises(OutputError, match="appeared while merging and was left alone; nothing was written"):
         merge(base, adapter, output)
     assert sorted(p.name for p in output.iterdir()) == (["theirs.txt"] if intruder == "a file" else [])
@@ -238,13 +239,13 @@ def test_an_empty_directory_filled_while_merging_is_not_replaced(
     base, adapter = small
     output = tmp_path / "out"
     output.mkdir()
-    real_finish = qlora_merge.api._finish
+    real_finish = qlora_merge.api.finish_output
 
     def finish(*args: object, **kwargs: object) -> object:
         (output / "theirs.txt").write_text("someone else's")
         return real_finish(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "finish_output", finish)
     with pytest.raises(OutputError, match="appeared while merging"):
         merge(base, adapter, output)
     assert [p.name for p in output.iterdir()] == ["theirs.txt"]
@@ -301,7 +302,7 @@ def test_an_upload_from_a_place_without_a_lock_file_still_runs(tmp_path: Path, m
     def read_only(*args: object, **kwargs: object) -> int:
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(outputs.os, "open", read_only)
+    monkeypatch.setattr(lock.os, "open", read_only)
     with output_lock(folder, shared=True):
         pass
 
@@ -318,7 +319,7 @@ def test_ctrl_c_as_the_lock_is_taken_leaves_no_lock_file(
         os.kill(os.getpid(), signal.SIGINT)  # between creating the lock file and holding it
         real_flock(fd, how)
 
-    monkeypatch.setattr(outputs.fcntl, "flock", flock)
+    monkeypatch.setattr(lock.fcntl, "flock", flock)
     with pytest.raises(KeyboardInterrupt):
         merge(base, adapter, tmp_path / "deep" / "out")
     assert list(tmp_path.iterdir()) == []

@@ -11,11 +11,11 @@ from factories import assert_same_tensors, logits, make_adapter, make_base, peft
 from safetensors.torch import load_file, save_file
 
 from qlora_merge import merge
-from qlora_merge.merging import variants
+from qlora_merge.merging import blocking
+from qlora_merge.merging.blocking import blocks_match_whole
 from qlora_merge.merging.variants import (
     MIN_BLOCK_ROWS,
     Layout,
-    blocks_match_whole,
     dora_rows_into,
     dora_whole,
     linear_delta_rows,
@@ -103,7 +103,7 @@ def test_dora_whole_equals_peft_layers(layout: Layout) -> None:
 def test_dora_bit_identical_to_peft(arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 base, DoRA on every projection (GPT-2: Conv1D, merged whole; phi3: fused qkv/gate_up). Linear weights
     go in blocks of 20 rows, so blocks and short tails are exercised."""
-    monkeypatch.setattr(variants, "BLOCK_ELEMENTS", 20 * 64)
+    monkeypatch.setattr(blocking, "BLOCK_ELEMENTS", 20 * 64)
     base = make_base(arch, tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter", arch, r=8, lora_alpha=5, use_rslora=True, use_dora=True)
     assert any(k.endswith("lora_magnitude_vector") for k in load_file(adapter / "adapter_model.safetensors"))

@@ -13,7 +13,7 @@ from factories import assert_same_tensors, logits, make_adapter, make_base, peft
 from safetensors.torch import load_file
 
 from qlora_merge import ShapeMismatch, merge
-from qlora_merge.merging import variants
+from qlora_merge.merging import blocking, variants
 
 EMBED = "model.embed_tokens.weight"
 
@@ -33,7 +33,7 @@ def test_embedding_lora_bit_identical_to_peft(
 ) -> None:
     """bf16 base: PEFT rounds the embedding delta to bf16 before adding it; we must round the same way. Blocks of
     20 rows so the embedding goes in several blocks."""
-    monkeypatch.setattr(variants, "BLOCK_ELEMENTS", 20 * 64)
+    monkeypatch.setattr(blocking, "BLOCK_ELEMENTS", 20 * 64)
     base = make_base(arch, tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter", arch, **options)
     keys = load_file(adapter / "adapter_model.safetensors")

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from qlora_merge import merge
 from qlora_merge.errors import MergeError
-from qlora_merge.merging.variants import ExpertCheck, expert_delta, expert_deltas_whole
+from qlora_merge.merging.blocking import ExpertCheck
+from qlora_merge.merging.variants import expert_delta, expert_deltas_whole
 
 ARCHS = ["qwen3_moe", "qwen2_moe", "mixtral", "gpt_oss"]
 

@@ -424,14 +424,14 @@ def test_a_long_valid_name_merges_with_short_sibling_names(
     base, adapter = small
     name = "m" * 250
     seen: list[str] = []
-    real_finish = qlora_merge.api._finish
+    real_finish = qlora_merge.api.finish_output
 
     def finish(inputs: object, staging: Path, *args: object, **kwargs: object) -> object:
         seen.append(staging.name)
         seen.extend(p.name for p in tmp_path.iterdir() if p.name.endswith(".lock"))
         return real_finish(inputs, staging, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(qlora_merge.api, "_finish", finish)
+    monkeypatch.setattr(qlora_merge.api, "finish_output", finish)
     merge(base, adapter, tmp_path / name)
     assert (tmp_path / name / "model.safetensors").is_file()
     assert len(seen) == 2 and all(len(n) <= 255 for n in seen), seen

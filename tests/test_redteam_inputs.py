@@ -20,7 +20,8 @@ from factories import read_tensors
 from tiny_checkpoints import llama_checkpoint
 
 from qlora_merge import inspect_adapter, merge, read_axolotl_config
-from qlora_merge.adapter.patterns import PatternKeys, SafeRegex, _Automaton, _parse
+from qlora_merge.adapter.automaton import Automaton as _Automaton
+from qlora_merge.adapter.patterns import PatternKeys, SafeRegex, _parse
 from qlora_merge.adapter.selection import layer_number
 from qlora_merge.errors import AdapterFormatError, MergeError, UnsupportedAdapter
 

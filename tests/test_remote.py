@@ -278,7 +278,7 @@ def test_the_planner_runs_on_the_remote_index(
     tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch, no_tensor_reads: None
 ) -> None:
     """What `inspect --base org/model` does once integrated: the planner on the header-only index, unchanged."""
-    from qlora_merge import api as pipeline
+    from qlora_merge import preparation as pipeline
 
     base, adapter = llama_checkpoint(tmp_path, layers=2, shards=2)
     hub.add("org/tiny", base)

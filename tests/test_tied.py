@@ -17,11 +17,10 @@ import torch
 from factories import assert_same_tensors, logits, make_adapter, make_base, peft_merge, read_config, read_tensors
 from safetensors.torch import load_file, save_file
 
-from qlora_merge import UnsupportedAdapter, merge
-from qlora_merge import api as pipeline
+from qlora_merge import UnsupportedAdapter, merge, preparation
 from qlora_merge.inputs.format import read_safetensors_header
 from qlora_merge.inputs.reader import TensorReader
-from qlora_merge.outputs.staging import write_config
+from qlora_merge.outputs.companions import write_config
 
 EMBED = {"qwen2": "model.embed_tokens.weight", "gemma": "model.embed_tokens.weight", "gpt2": "transformer.wte.weight"}
 
@@ -115,7 +114,7 @@ def test_a_lora_bias_on_a_head_without_bias_is_refused_tied_or_not(arch: str, tm
 def test_tied_copies_are_compared_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Whole tensors (a saved embedding against a saved head) are compared in chunks, from the file or from memory
     (a .bin adapter); a difference in the last chunk, or another dtype, still counts."""
-    monkeypatch.setattr(pipeline, "COMPARE_CHUNK_BYTES", 100)
+    monkeypatch.setattr(preparation, "COMPARE_CHUNK_BYTES", 100)
     values = torch.randn(40, 16)
     changed = values.clone()
     changed[-1, -1] += 1
@@ -125,7 +124,7 @@ def test_tied_copies_are_compared_a_chunk_at_a_time(tmp_path: Path, monkeypatch:
     with TensorReader() as reader:
 
         def same(first: Any, second: Any, transpose: bool = False) -> bool:
-            return pipeline._same_values(first, second, transpose, reader)
+            return preparation._same_values(first, second, transpose, reader)
 
         assert same(entries["a"], entries["b"]) and same(entries["a"], values) and same(values, entries["b"])
         assert not same(entries["a"], entries["c"]) and not same(changed, entries["a"])

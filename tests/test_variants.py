@@ -10,11 +10,10 @@ import torch
 from factories import assert_same_tensors, make_adapter, make_base, peft_merge, read_tensors
 
 from qlora_merge import merge
-from qlora_merge.merging import variants
+from qlora_merge.merging import blocking
+from qlora_merge.merging.blocking import BlockingCheck, blocks_match_whole
 from qlora_merge.merging.variants import (
     MIN_BLOCK_ROWS,
-    BlockingCheck,
-    blocks_match_whole,
     linear_delta_rows,
     lora_scaling,
     merge_rows_into,
@@ -71,15 +70,15 @@ def test_merge_rows_rounds_once_like_peft() -> None:
 def test_blocking_falls_back_to_whole_tensors_when_blocks_differ(monkeypatch: pytest.MonkeyPatch) -> None:
     check = BlockingCheck()
     a, b = (8, 4096), (4096, 8)
-    assert check.rows_per_block(4096, 4096, a, b, torch.float32, transposed=False) == variants.BLOCK_ELEMENTS // 4096
-    monkeypatch.setattr(variants, "blocks_match_whole", lambda *args: False)
+    assert check.rows_per_block(4096, 4096, a, b, torch.float32, transposed=False) == blocking.BLOCK_ELEMENTS // 4096
+    monkeypatch.setattr(blocking, "blocks_match_whole", lambda *args: False)
     assert BlockingCheck().rows_per_block(4096, 4096, a, b, torch.float32, transposed=False) == 4096
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_multi_block_merge_equals_peft(arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 20 rows on 64-wide weights: several blocks per tensor and a 4-row tail, still bit-identical."""
-    monkeypatch.setattr(variants, "BLOCK_ELEMENTS", 20 * 64)
+    monkeypatch.setattr(blocking, "BLOCK_ELEMENTS", 20 * 64)
     base = make_base(arch, tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter", arch, r=8, lora_alpha=5, use_rslora=True)
     merge(base, adapter, tmp_path / "ours")
@@ -125,9 +124,9 @@ def test_pattern_keys_follow_peft() -> None:
 def test_self_test_memory_does_not_grow_with_the_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
     """The blocked-vs-whole self-test runs on two blocks plus the real tail, whatever the number of rows."""
     seen = []
-    monkeypatch.setattr(variants, "blocks_match_whole", lambda *args: seen.append(args) or True)
+    monkeypatch.setattr(blocking, "blocks_match_whole", lambda *args: seen.append(args) or True)
     rank, cols = 16, 4000  # 262 rows per block: neither row count divides evenly
-    wanted = variants.BLOCK_ELEMENTS // cols
+    wanted = blocking.BLOCK_ELEMENTS // cols
     for rows in (14_336, 128_256):
         BlockingCheck().rows_per_block(rows, cols, (rank, cols), (rows, rank), torch.float32, transposed=False)
         BlockingCheck().rows_per_block(rows, cols, (rank, rows), (cols, rank), torch.float32, transposed=True)

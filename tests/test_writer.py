@@ -16,7 +16,8 @@ from safetensors import safe_open
 from qlora_merge import OutputError, merge
 from qlora_merge.inputs.format import TORCH_TO_NAME, read_safetensors_header
 from qlora_merge.outputs import safetensors as writer_module
-from qlora_merge.outputs.safetensors import CheckpointWriter, OutputTensor, plan_shards
+from qlora_merge.outputs.safetensors import SafetensorsSink
+from qlora_merge.plan.tasks import OutputTensor
 
 
 def odd_tensors() -> dict[str, torch.Tensor]:
@@ -32,15 +33,15 @@ def odd_tensors() -> dict[str, torch.Tensor]:
 
 
 def write_with(tmp_path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, copy: bool) -> Path:
-    """Write `tensors` through CheckpointWriter, by write() or by copy_from() out of a source file."""
+    """Write `tensors` through SafetensorsSink, by write() or by copy_from() out of a source file."""
     out = tmp_path / "out"
     out.mkdir()
     planned = [OutputTensor(n, TORCH_TO_NAME[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
-    shards = plan_shards(planned, max_shard_bytes)
     source = tmp_path / "source.bin"
     raw = {n: t.contiguous().view(torch.uint8).numpy().tobytes() for n, t in tensors.items()}
     source.write_bytes(b"".join(raw.values()))
-    writer = CheckpointWriter(out, shards, {"format": "pt"})
+    writer = SafetensorsSink(out, max_shard_bytes, {"format": "pt"})
+    writer.start(planned)
     fd = os.open(source, os.O_RDONLY)
     try:
         offset = 0
@@ -54,7 +55,7 @@ def write_with(tmp_path: Path, tensors: dict[str, torch.Tensor], max_shard_bytes
                 writer.write(data[half:])
             writer.end()
             offset += len(data)
-        writer.close()
+        writer.finish()
     finally:
         os.close(fd)
         writer.abort()

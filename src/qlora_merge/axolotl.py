@@ -195,23 +195,19 @@ def _dtype(source: str, values: Mapping[str, Any]) -> str:
     return "f32"
 
 
+# read_axolotl_config's keywords: merge_from_axolotl passes these on to it, and the rest to merge().
+OVERRIDES = ("base", "adapter", "output_dir", "output", "dtype")
+
+
 def merge_from_axolotl(
-    config: str | Path | Mapping[str, Any],
-    *,
-    base: str | None = None,
-    adapter: str | None = None,
-    output_dir: str | Path | None = None,
-    output: str | Path | None = None,
-    dtype: str | None = None,
-    hf_token: str | None = None,
-    **options: Any,
+    config: str | Path | Mapping[str, Any], *, hf_token: str | None = None, **options: Any
 ) -> MergeResult:
     """`axolotl merge-lora config.yml`, streaming: merge the adapter an axolotl config trained into its base and
-    write `{output_dir}/merged/`. `config` is the YAML's path or its parsed mapping; the keywords override it (see
-    `read_axolotl_config`); `options` are `merge()`'s (progress, max_shard_size, overwrite, checksum ...)."""
-    settings = read_axolotl_config(
-        config, base=base, adapter=adapter, output_dir=output_dir, output=output, dtype=dtype
-    )
+    write `{output_dir}/merged/`. `config` is the YAML's path or its parsed mapping; the keywords `base`, `adapter`,
+    `output_dir`, `output` and `dtype` override it (see `read_axolotl_config`); the other `options` are `merge()`'s
+    (progress, max_shard_size, overwrite, checksum ...)."""
+    overrides = {key: options.pop(key) for key in OVERRIDES if key in options}
+    settings = read_axolotl_config(config, **overrides)
     return merge(
         settings.base,
         settings.adapter,

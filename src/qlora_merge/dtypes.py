@@ -5,6 +5,9 @@ from __future__ import annotations
 from .errors import MergeError
 
 CANONICAL_DTYPES = ("bf16", "f16", "f32")
+# canonical name -> the tensor dtype's name in safetensors headers and the plan; that name -> config.json's "dtype"
+OUTPUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 # axolotl configs, guides and torch spell the same three dtypes many ways; all of them mean what they say.
 DTYPE_ALIASES = {

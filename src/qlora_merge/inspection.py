@@ -15,7 +15,7 @@ from .errors import KeyMatchError, ShapeMismatch
 from .inputs.resolve import resolve_adapter
 from .merging.variants import lora_scaling, module_rank_alpha
 from .names import ADAPTER_CONFIG_NAME
-from .plan.matching import ExpertUpdate, LoraUpdate
+from .plan.tasks import ExpertUpdate, LoraUpdate
 
 # The first number in a module name is its layer: model.layers.12.self_attn.q_proj, transformer.h.3.attn.c_attn.
 LAYER_NUMBER = re.compile(r"\.(\d+)\.")

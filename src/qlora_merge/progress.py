@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,3 +41,20 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+class stage:  # lower case: it reads as a statement, `with stage("base", progress, timings) as step:`
+    """Times one stage and reports its start and end; `detail` set inside the block goes into the end event."""
+
+    def __init__(self, name: str, progress: ProgressCallback, timings: dict[str, float]) -> None:
+        self.name, self.progress, self.timings, self.detail = name, progress, timings, ""
+
+    def __enter__(self) -> stage:
+        self.started = time.perf_counter()
+        self.progress(ProgressEvent(self.name, "start"))
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.timings[self.name] = time.perf_counter() - self.started
+            self.progress(ProgressEvent(self.name, "done", self.detail, elapsed=self.timings[self.name]))

@@ -14,16 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ShapeMismatch, UnsupportedAdapter
-from ..merging.variants import (
-    Combination,
-    adapter_dtype,
-    linear_coefficients,
-    lora_scaling,
-    module_rank_alpha,
-    weighted_alpha,
-)
+from ..merging.combination import Combination, linear_coefficients, weighted_alpha
+from ..merging.variants import lora_scaling, module_rank_alpha
 from .config import LoraConfig
-from .weights import AdapterTensor, AdapterWeights, CombinedFactor, LoraPair, dtype_of
+from .weights import AdapterTensor, AdapterWeights, CombinedFactor, LoraPair, adapter_dtype, dtype_of
 
 
 @dataclass(frozen=True)

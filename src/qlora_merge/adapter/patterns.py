@@ -5,9 +5,9 @@ rank_pattern/alpha_pattern keys, layers_pattern, modules_to_save entries) and ru
 `re`, which takes exponential time on patterns like `(.*.*)*X` and polynomial time of high degree on `.*.*.*.*X`.
 A config is input, so each pattern is first given a bound on the backtracking steps `re` can take on a name of a
 given length, from its parsed form: a pattern within budget runs on `re` itself (exact, every feature); one past it
-runs on a linear-time automaton built from the same parse (the yes/no answer of a regex does not depend on greedy
-or lazy choices, so it equals `re`'s), which covers everything but backreferences, lookarounds, atomic groups and
-possessive repeats. A pattern past the budget that needs one of those is refused rather than run.
+runs on a linear-time automaton built from the same parse (automaton.py: the yes/no answer of a regex does not
+depend on greedy or lazy choices, so it equals `re`'s), which covers everything but backreferences, lookarounds,
+atomic groups and possessive repeats. A pattern past the budget that needs one of those is refused rather than run.
 
 Plain names (no regex syntax but `.`, the most common key by far) never reach a regex engine: they are matched by
 lookup, so twenty thousand rank_pattern keys cost what one does.
@@ -23,31 +23,21 @@ import time
 from collections.abc import Iterable, Sequence
 
 from ..errors import UnsupportedAdapter
+from .automaton import Automaton, PatternTooComplex
+from .automaton import sre as _sre
+from .automaton import sre_parser as _sre_parser
 
 log = logging.getLogger(__name__)
-
-try:  # the parser and compiler behind `re`: private, but the only complete description of a pattern there is
-    from re import _compiler as _sre_compiler
-    from re import _constants as _sre
-    from re import _parser as _sre_parser
-except ImportError:  # pragma: no cover - a Python whose re is laid out otherwise: patterns run on re unbounded
-    _sre_parser = None
 
 # Backtracking steps `re` may take on one name; past it a pattern runs on the automaton. At tens of nanoseconds a
 # step this keeps the worst case near a millisecond per name.
 STEP_BUDGET = 20_000
-# States of the automaton, which counted repeats like x{1000} multiply; past it the pattern is refused.
-MAX_STATES = 20_000
 # Wall time one set of patterns may spend matching module names in all, every single match being bounded already:
 # only thousands of costly patterns over thousands of modules get near it.
 TIME_BUDGET_S = 30.0
 # Regex syntax other than `.`: a key without any is a dotted name, matched without a regex engine.
 _SYNTAX = re.compile(r"[\\^$*+?{}\[\]|()]")
 _CAP = 1e30
-
-
-class PatternTooComplex(ValueError):
-    """A pattern whose matching cannot be bounded (or took too long in all); the message says which and why."""
 
 
 class SafeRegex:
@@ -59,7 +49,7 @@ class SafeRegex:
         self.parsed = _parse(pattern)
         # the longest name `re` can match within budget (all names when the pattern has no costly structure)
         self.safe_length = _safe_length(self.parsed) if self.parsed is not None else 1 << 62
-        self._automaton: _Automaton | None = None
+        self._automaton: Automaton | None = None
         self._automaton_error: str | None = None
 
     def match(self, text: str) -> bool:
@@ -83,7 +73,7 @@ class SafeRegex:
     def _run(self, text: str, full: bool) -> bool:
         if self._automaton is None and self._automaton_error is None:
             try:
-                self._automaton = _Automaton(self.parsed)
+                self._automaton = Automaton(self.parsed)
             except PatternTooComplex as exc:
                 self._automaton_error = str(exc)
         if self._automaton is None:
@@ -275,181 +265,3 @@ def _node_cost(op: object, av: object, n: int) -> float:
     if op is c.GROUPREF:
         return float(n + 1)
     return 1.0
-
-
-# --- the linear-time automaton ---------------------------------------------------------------------------------
-
-_CHAR, _SPLIT, _ASSERT, _MATCH = range(4)
-_ASSERTIONS = (
-    frozenset(
-        {
-            _sre.AT_BEGINNING,
-            _sre.AT_BEGINNING_STRING,
-            _sre.AT_END,
-            _sre.AT_END_STRING,
-            _sre.AT_BOUNDARY,
-            _sre.AT_NON_BOUNDARY,
-        }
-    )
-    if _sre_parser is not None
-    else frozenset()
-)
-_MEMO_LIMIT = 200_000
-
-
-class _Automaton:
-    """Thompson's construction from re's own parse, simulated one character at a time with the state sets
-    memoised (a lazily built DFA): linear in the text whatever the pattern. Character tests are single-character
-    patterns compiled by re from the pattern's own nodes and flags, so classes, case folding and `.` are re's."""
-
-    def __init__(self, parsed: object) -> None:
-        if parsed is None:
-            raise PatternTooComplex("it could not be parsed")
-        self.kind: list[int] = []
-        self.arg: list[object] = []
-        self.out1: list[int] = []
-        self.out2: list[int] = []
-        self.tests: dict[int, tuple[re.Pattern[str], dict[str, bool]]] = {}
-        self.has_assertions = False
-        flags = parsed.state.flags  # type: ignore[attr-defined]
-        self.accept = self._add(_MATCH)
-        self.start = self._sequence(parsed, flags, self.accept)
-        self.memo: dict[object, frozenset[int]] = {}
-
-    def _add(self, kind: int, arg: object = None, out1: int = -1, out2: int = -1) -> int:
-        if len(self.kind) >= MAX_STATES:
-            raise PatternTooComplex(f"needs over {MAX_STATES} automaton states (large counted repeats)")
-        self.kind.append(kind)
-        self.arg.append(arg)
-        self.out1.append(out1)
-        self.out2.append(out2)
-        return len(self.kind) - 1
-
-    def _sequence(self, items: Iterable[tuple[object, object]], flags: int, then: int) -> int:
-        for op, av in reversed(list(items)):
-            then = self._node(op, av, flags, then)
-        return then
-
-    def _node(self, op: object, av: object, flags: int, then: int) -> int:
-        c = _sre
-        if op in (c.LITERAL, c.NOT_LITERAL, c.ANY, c.IN):
-            state = self._add(_CHAR, None, then)
-            single = _sre_parser.State()
-            single.flags = flags
-            self.tests[state] = (_sre_compiler.compile(_sre_parser.SubPattern(single, [(op, av)]), flags), {})
-            return state
-        if op is c.SUBPATTERN:
-            _, add, remove, body = av  # type: ignore[misc]
-            return self._sequence(body, (flags | add) & ~remove, then)
-        if op is c.BRANCH:
-            starts = [self._sequence(alt, flags, then) for alt in av[1]]  # type: ignore[index]
-            state = starts[-1]
-            for other in reversed(starts[:-1]):
-                state = self._add(_SPLIT, None, other, state)
-            return state
-        if op in (c.MAX_REPEAT, c.MIN_REPEAT):  # greedy or lazy: the same yes/no answer
-            lo, hi, body = av  # type: ignore[misc]
-            if hi == c.MAXREPEAT:
-                loop = self._add(_SPLIT, None, -1, then)
-                self.out1[loop] = self._sequence(body, flags, loop)
-                start = loop
-            else:
-                start = then
-                for _ in range(hi - lo):
-                    start = self._add(_SPLIT, None, self._sequence(body, flags, start), then)
-            for _ in range(lo):
-                start = self._sequence(body, flags, start)
-            return start
-        if op is c.AT and av in _ASSERTIONS:
-            self.has_assertions = True
-            return self._add(_ASSERT, (av, flags), then)
-        names = {
-            c.ASSERT: "a lookaround",
-            c.ASSERT_NOT: "a lookaround",
-            c.GROUPREF: "a backreference",
-            c.GROUPREF_EXISTS: "a conditional group",
-            c.ATOMIC_GROUP: "an atomic group",
-            c.POSSESSIVE_REPEAT: "a possessive repeat",
-        }
-        raise PatternTooComplex(f"uses {names.get(op, str(op))}, which only the backtracking matcher supports")
-
-    def run(self, text: str, full: bool) -> bool:
-        current = self._closure((self.start,), self._context(text, 0))
-        for i, ch in enumerate(text):
-            if not current:
-                return False
-            if not full and self.accept in current:
-                return True
-            context = self._context(text, i + 1)
-            key = (current, ch, context)
-            following = self.memo.get(key)
-            if following is None:
-                moved = [self.out1[s] for s in current if self.kind[s] == _CHAR and self._test(s, ch)]
-                following = self._closure(moved, context)
-                if len(self.memo) > _MEMO_LIMIT:
-                    self.memo.clear()
-                self.memo[key] = following
-            current = following
-        return self.accept in current
-
-    def _test(self, state: int, ch: str) -> bool:
-        compiled, seen = self.tests[state]
-        result = seen.get(ch)
-        if result is None:
-            result = seen[ch] = compiled.fullmatch(ch) is not None
-        return result
-
-    def _context(self, text: str, p: int) -> tuple[object, ...] | None:
-        """What the assertions at position p can depend on."""
-        if not self.has_assertions:
-            return None
-        n = len(text)
-        return (p == 0, p == n, p == n - 1, text[p - 1] if p > 0 else None, text[p] if p < n else None)
-
-    def _closure(self, states: Iterable[int], context: tuple[object, ...] | None) -> frozenset[int]:
-        stack = list(states)
-        seen: set[int] = set()
-        while stack:
-            state = stack.pop()
-            if state in seen:
-                continue
-            seen.add(state)
-            kind = self.kind[state]
-            if kind == _SPLIT:
-                stack.append(self.out2[state])
-                stack.append(self.out1[state])
-            elif kind == _ASSERT and _holds(self.arg[state], context):  # type: ignore[arg-type]
-                stack.append(self.out1[state])
-        return frozenset(s for s in seen if self.kind[s] in (_CHAR, _MATCH))
-
-
-def _holds(assertion: tuple[object, int], context: tuple[object, ...] | None) -> bool:
-    """re's zero-width assertions (sre's SRE_AT_*), from the position's context."""
-    assert context is not None
-    code, flags = assertion
-    at_start, at_end, before_last, prev, nxt = context
-    c = _sre
-    multiline = bool(flags & c.SRE_FLAG_MULTILINE)
-    if code is c.AT_BEGINNING_STRING:
-        return bool(at_start)
-    if code is c.AT_BEGINNING:
-        return bool(at_start) or (multiline and prev == "\n")
-    if code is c.AT_END_STRING:
-        return bool(at_end)
-    if code is c.AT_END:
-        return bool(at_end) or (multiline and nxt == "\n") or (bool(before_last) and nxt == "\n")
-    if code in (c.AT_BOUNDARY, c.AT_NON_BOUNDARY):
-        if at_start and at_end:  # sre: no boundary, and no non-boundary, in an empty string
-            return False
-        ascii_only = bool(flags & c.SRE_FLAG_ASCII)
-        boundary = _word(prev, ascii_only) != _word(nxt, ascii_only)
-        return boundary if code is c.AT_BOUNDARY else not boundary
-    raise AssertionError(code)  # _ASSERTIONS lists every code handled above
-
-
-def _word(ch: object, ascii_only: bool) -> bool:
-    if not isinstance(ch, str):
-        return False
-    if ascii_only and not ch.isascii():
-        return False
-    return ch.isalnum() or ch == "_"

@@ -22,7 +22,7 @@ from ..errors import AdapterFormatError, CheckpointFormatError, InputNotFound, S
 from ..inputs.format import DTYPES, FLOAT_DTYPES, TORCH_TO_NAME, TensorEntry, read_safetensors_header
 from ..inputs.pickled import load_plain_tensors
 from ..inputs.reader import TensorReader
-from ..merging.variants import Combination, adapter_dtype, combined_factor
+from ..merging.combination import Combination, combined_factor
 from ..names import ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
 
 PEFT_PREFIX = "base_model.model."
@@ -299,6 +299,11 @@ def _check_float(path: Path, key: str, tensor: AdapterTensor) -> None:
     dtype = _dtype_name(tensor)
     if dtype not in FLOAT_DTYPES:
         raise AdapterFormatError(f"{path}: '{key}' has dtype {dtype}")
+
+
+def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype PEFT holds an adapter tensor in once loaded: half precision upcast to float32, float32/64 as saved."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def load_factor(tensor: AdapterTensor, reader: TensorReader) -> torch.Tensor:

@@ -16,7 +16,7 @@ from ..names import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
 )
-from ..outputs.staging import TOKENIZER_FILES
+from ..outputs.companions import TOKENIZER_FILES
 from .index import read_index, shown_name
 
 # "org/name", optionally "@revision" (branch, tag, commit or refs/pr/N). The namespace is required: a bare "name"

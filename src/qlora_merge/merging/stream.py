@@ -1,23 +1,27 @@
-"""Execute a merge plan: read each tensor, copy, convert, replace or merge it, and stream it into the writer."""
+"""Execute a merge plan: read each tensor from its source, copy, convert, replace or merge it, and stream it into
+the sink. Formats are the sources' and the sink's business: here a base tensor is a run of values, an output
+tensor a run of bytes."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 
 from ..adapter.weights import AdapterTensor, dtype_of, load_factor, read_tensor
 from ..inputs.format import DTYPES, TensorEntry
 from ..inputs.reader import ByteRange, ReadAhead, TensorReader
-from ..outputs.safetensors import CheckpointWriter
-from ..plan.matching import Action, BiasUpdate, ExpertUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
+from ..inputs.sources import SafetensorsSource, Source
+from ..outputs.sink import Sink
+from ..plan.tasks import Action, BiasUpdate, ExpertUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
+from .blocking import BlockingCheck, ExpertCheck
 from .checks import ValueCheck
 from .variants import (
     MIN_BLOCK_ROWS,
-    BlockingCheck,
-    ExpertCheck,
     Layout,
     bias_delta,
     conv_merged,
@@ -37,6 +41,8 @@ from .variants import (
 CONVERT_CHUNK_BYTES = 8 << 20
 
 TensorDone = Callable[[TensorTask, int], None]
+# Adapter tensors (a modules_to_save replacement, a trainable-tokens delta) are always safetensors.
+ADAPTER_SOURCE = SafetensorsSource()
 # The torch thread count of whoever runs the plan, which runs its own arithmetic on one thread.
 CALLER_THREADS: ContextVar[int] = ContextVar("caller_threads", default=1)
 
@@ -97,13 +103,16 @@ class ExpertDeltas:
 
 def run_plan(
     plan: MergePlan,
+    source: Source,
     reader: TensorReader,
-    writer: CheckpointWriter,
+    sink: Sink,
     on_tensor: TensorDone,
     check: ValueCheck | None = None,
 ) -> None:
-    """Write every planned tensor in order; `on_tensor(task, bytes_written_so_far)` after each one. `check` counts
-    NaN, infinite and overflowing values in every block computed (copies are not decoded); its caller judges them.
+    """Write every planned tensor in order into `sink` (started with the plan's layout here, finished by the
+    caller); `on_tensor(task, bytes_written_so_far)` after each one. Base tensors are read from `source`, adapter
+    tensors through `reader`. `check` counts NaN, infinite and overflowing values in every block computed (raw
+    copies are not decoded); its caller judges them.
 
     The arithmetic runs on one torch thread while the other core reads ahead and writes: torch's second thread
     on 1M-element blocks gains ~12% on an idle machine but made a 3B merge ~3x slower on a busy one.
@@ -117,27 +126,48 @@ def run_plan(
         steps = {t.output.name: step for t in plan.tasks if (step := _rows_per_block(t, blocking)) is not None}
         workspace = Workspace()
         deltas = ExpertDeltas(reader)
-        with ReadAhead(list(_input_ranges(plan, steps))) as ahead:
+        sink.start([task.output for task in plan.tasks])
+        with ReadAhead(list(_input_ranges(plan, source, steps))) as ahead:
+            io = _Streams(source, reader, ahead, sink, workspace, check)
             for task in plan.tasks:
-                writer.begin(task.output.name)
-                if task.action is Action.COPY:
+                sink.begin(task.output.name)
+                raw = source.raw(task.source) if task.action is Action.COPY and task.source is not None else None
+                if raw is not None:
+                    sink.copy_from(reader.fd(raw.path), raw.offset, raw.nbytes, raw.path)
+                elif task.action in (Action.COPY, Action.CONVERT):
                     assert task.source is not None
-                    source = task.source
-                    writer.copy_from(reader.fd(source.file), source.start, source.nbytes, source.file)
-                elif task.action is Action.CONVERT:
-                    assert task.source is not None
-                    _convert(task.source, task.output.dtype, ahead, writer, workspace, check)
+                    _convert(task.source, source, task.output.dtype, io)
                 elif task.action is Action.REPLACE:
-                    _replace(task, ahead, writer, workspace, check)
+                    _replace(task, io)
                 elif isinstance(task.update, ExpertUpdate):
-                    _merge_experts(task, task.update, deltas, reader, writer, workspace, check)
+                    _merge_experts(task, task.update, deltas, io)
                 else:
-                    _merge(task, steps.get(task.output.name), reader, ahead, writer, workspace, check)
-                writer.end()
-                on_tensor(task, writer.bytes_written)
+                    _merge(task, steps.get(task.output.name), io)
+                sink.end()
+                on_tensor(task, sink.bytes_written)
     finally:
         torch.set_num_threads(threads)
         CALLER_THREADS.reset(caller)
+
+
+@dataclass(frozen=True)
+class _Streams:
+    """What every step of the merge reads from and writes to."""
+
+    source: Source  # the base's tensors
+    reader: TensorReader  # adapter tensors, and whole base tensors read where they are used
+    ahead: ReadAhead  # the reads the merge streams through, fetched ahead
+    sink: Sink
+    workspace: Workspace
+    check: ValueCheck
+
+    def elements(self, entry: TensorEntry, start: int, stop: int, source: Source) -> torch.Tensor:
+        """Elements [start, stop) of `entry`, 1-D, through the read-ahead (in the order _input_ranges announced)."""
+        data = [self.ahead.take(byte_range) for byte_range in source.reads(entry, start, stop)]
+        return source.decode(entry, start, stop, data)
+
+    def write(self, raw: torch.Tensor) -> None:
+        self.sink.write(memoryview(raw.numpy()))
 
 
 @contextmanager
@@ -170,103 +200,85 @@ def _chunk_rows(cols: int, item_size: int) -> int:
     return max(CONVERT_CHUNK_BYTES // max(cols * item_size, 1), 1)
 
 
-def _input_ranges(plan: MergePlan, steps: dict[str, int]) -> Iterator[ByteRange]:
+def _input_ranges(plan: MergePlan, source: Source, steps: dict[str, int]) -> Iterator[ByteRange]:
     """The reads that stream through the merge, in the order it makes them, from the generators the merge itself
-    reads by. Copies go file to file (announced, not fetched), and the few whole tensors (biases, column-normed
-    DoRA) are read where they are used."""
+    reads by. Raw copies go file to file (announced, not fetched), and the few whole tensors (biases,
+    column-normed DoRA) are read where they are used."""
     for task in plan.tasks:
-        if task.action is Action.COPY:
+        if task.action in (Action.COPY, Action.CONVERT):
             assert task.source is not None
-            yield ByteRange(task.source.file, task.source.start, task.source.nbytes, fetch=False)
-        elif task.action is Action.CONVERT:
-            assert task.source is not None
-            yield from _convert_ranges(task.source)
+            raw = source.raw(task.source) if task.action is Action.COPY else None
+            if raw is not None:
+                yield raw
+            else:
+                for start, stop in _convert_chunks(task.source):
+                    yield from source.reads(task.source, start, stop)
         elif task.action is Action.REPLACE:
             assert task.replacement is not None
-            if isinstance(task.replacement.tensor, TensorEntry):
-                yield from _convert_ranges(task.replacement.tensor)
+            tensor = task.replacement.tensor
+            if isinstance(tensor, TensorEntry):
+                for start, stop in _convert_chunks(tensor):
+                    yield from ADAPTER_SOURCE.reads(tensor, start, stop)
         elif task.output.name in steps:
-            for _, _, byte_range in _row_blocks(task, steps[task.output.name]):
-                if byte_range is not None:
-                    yield byte_range
+            tensor, rows_from = _rows_source(task, source)
+            if isinstance(tensor, TensorEntry):
+                cols = task.output.shape[1]
+                for start, stop in _row_blocks(task, steps[task.output.name]):
+                    yield from rows_from.reads(tensor, start * cols, stop * cols)
 
 
-def _convert_ranges(source: TensorEntry) -> Iterator[ByteRange]:
-    """A tensor's bytes in chunks of about CONVERT_CHUNK_BYTES (whole elements)."""
-    size = DTYPES[source.dtype][1]
-    step = max(CONVERT_CHUNK_BYTES // size, 1) * size
-    for offset in range(0, source.nbytes, step):
-        yield ByteRange(source.file, source.start + offset, min(step, source.nbytes - offset))
+def _convert_chunks(entry: TensorEntry) -> Iterator[tuple[int, int]]:
+    """A tensor's elements in runs of about CONVERT_CHUNK_BYTES: (start, stop)."""
+    numel = math.prod(entry.shape)
+    step = max(CONVERT_CHUNK_BYTES // DTYPES[entry.dtype][1], 1)
+    for start in range(0, numel, step):
+        yield start, min(numel, start + step)
 
 
-def _row_blocks(task: TensorTask, step: int) -> Iterator[tuple[int, int, ByteRange | None]]:
-    """Blocks of `step` rows of the weight a task updates: (start, stop, the bytes to read, or None when the weight
-    is an adapter tensor already in memory)."""
-    tensor = _rows_source(task)
-    rows, cols = task.output.shape
+def _row_blocks(task: TensorTask, step: int) -> Iterator[tuple[int, int]]:
+    """Blocks of `step` rows of the weight a task updates: (start, stop)."""
+    rows = task.output.shape[0]
     for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        if isinstance(tensor, TensorEntry):
-            row_bytes = cols * DTYPES[tensor.dtype][1]
-            yield start, stop, ByteRange(tensor.file, tensor.start + start * row_bytes, (stop - start) * row_bytes)
-        else:
-            yield start, stop, None
+        yield start, min(rows, start + step)
 
 
-def _convert(
-    source: TensorEntry,
-    out_dtype_name: str,
-    ahead: ReadAhead,
-    writer: CheckpointWriter,
-    workspace: Workspace,
-    check: ValueCheck,
-) -> None:
-    in_dtype, in_size = DTYPES[source.dtype]
+def _convert(entry: TensorEntry, source: Source, out_dtype_name: str, io: _Streams) -> None:
+    """A tensor's values in the output dtype, a chunk at a time (same dtype: as decoded)."""
     out_dtype, out_size = DTYPES[out_dtype_name]
-    for byte_range in _convert_ranges(source):
-        piece = ahead.take(byte_range)
-        if in_dtype == out_dtype:
-            check.block(piece.view(in_dtype))
-            writer.write(memoryview(piece.numpy()))
+    for start, stop in _convert_chunks(entry):
+        values = io.elements(entry, start, stop, source)
+        if values.dtype == out_dtype:
+            io.check.block(values)
+            io.write(values.view(torch.uint8))
             continue
-        converted = workspace.take("output", byte_range.nbytes // in_size * out_size)
-        check.block(converted.view(out_dtype).copy_(piece.view(in_dtype)), piece.view(in_dtype))
-        writer.write(memoryview(converted.numpy()))
+        converted = io.workspace.take("output", (stop - start) * out_size)
+        io.check.block(converted.view(out_dtype).copy_(values), values)
+        io.write(converted)
 
 
-def _replace(
-    task: TensorTask, ahead: ReadAhead, writer: CheckpointWriter, workspace: Workspace, check: ValueCheck
-) -> None:
+def _replace(task: TensorTask, io: _Streams) -> None:
     """The adapter's tensor, rounded once to the output dtype."""
     assert task.replacement is not None
     tensor = task.replacement.tensor
     if isinstance(tensor, TensorEntry):
-        _convert(tensor, task.output.dtype, ahead, writer, workspace, check)
+        _convert(tensor, ADAPTER_SOURCE, task.output.dtype, io)
     else:
-        _write_tensor(tensor, task, writer, workspace, check)
+        _write_tensor(tensor, task, io)
 
 
-def _merge(
-    task: TensorTask,
-    step: int | None,
-    reader: TensorReader,
-    ahead: ReadAhead,
-    writer: CheckpointWriter,
-    workspace: Workspace,
-    check: ValueCheck,
-) -> None:
+def _merge(task: TensorTask, step: int | None, io: _Streams) -> None:
     """Merge one weight: a bias or a whole tensor at once where the math needs it, else a block of rows at a time."""
-    update = task.update
+    update, reader = task.update, io.reader
     if isinstance(update, BiasUpdate):
-        weight = _held_source(task, reader)
+        weight = _held_source(task, io)
         delta = bias_delta(load_factor(update.tensor, reader), update.scaling)
         out = torch.empty(task.output.shape, dtype=DTYPES[task.output.dtype][0])
         merge_rows_into(weight, delta, torch.empty(weight.numel()), out)
-        _write_tensor(out, task, writer, workspace, check)
+        _write_tensor(out, task, io)
         return
     if isinstance(update, TokenUpdate):
         assert step is not None
-        _replace_tokens(task, update, step, reader, ahead, writer, workspace, check)
+        _replace_tokens(task, update, step, io)
         return
     assert isinstance(update, LoraUpdate)
     a = load_factor(update.pair.a, reader)
@@ -275,7 +287,7 @@ def _merge(
     a, b = a.to(compute), b.to(compute)
     magnitude = load_factor(update.pair.magnitude, reader) if update.pair.magnitude is not None else None
     if update.layout is Layout.CONV:
-        weight = _held_source(task, reader)
+        weight = _held_source(task, io)
         # oneDNN picks its convolution kernel by thread count, and the kernels round differently: the delta is
         # computed on the caller's threads, as PEFT computes it in the caller's process.
         with _torch_threads(CALLER_THREADS.get()):
@@ -283,22 +295,22 @@ def _merge(
                 merged = conv_merged(weight, a, b, update.scaling)
             else:
                 merged = dora_conv(weight, a, b, update.scaling, magnitude)
-        _write_tensor(merged, task, writer, workspace, check)
+        _write_tensor(merged, task, io)
         return
     if update.whole:
         assert magnitude is not None
-        merged = dora_whole(_held_source(task, reader), a, b, update.scaling, magnitude)
-        _write_tensor(merged, task, writer, workspace, check)
+        merged = dora_whole(_held_source(task, io), a, b, update.scaling, magnitude)
+        _write_tensor(merged, task, io)
         return
     cols = task.output.shape[1]
     assert step is not None
     round_to = DTYPES[task.held_dtype][0] if update.round_delta else None
-    for start, stop, weight in _weight_rows(task, step, ahead, workspace):
+    for start, stop, weight in _weight_rows(task, step, io):
         n = stop - start
-        scratch = workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
+        scratch = io.workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
         delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch)
         block_magnitude = magnitude[start:stop] if magnitude is not None else None
-        _add_round_write(weight, delta, task, round_to, block_magnitude, writer, workspace, check)
+        _add_round_write(weight, delta, task, round_to, block_magnitude, io)
 
 
 def _add_round_write(
@@ -307,120 +319,99 @@ def _add_round_write(
     task: TensorTask,
     round_to: torch.dtype | None,
     magnitude: torch.Tensor | None,
-    writer: CheckpointWriter,
-    workspace: Workspace,
-    check: ValueCheck,
+    io: _Streams,
 ) -> None:
     """W + delta (DoRA-scaled by `magnitude` where given; the delta first rounded to `round_to` where given) for a
     block of rows, rounded to the output dtype, value-checked and written. `delta` is overwritten."""
     n, cols = weight.shape
     out_dtype, out_size = DTYPES[task.output.dtype]
-    upcast = workspace.take("upcast", n * cols * 4).view(torch.float32)
-    raw = workspace.take("output", n * cols * out_size)
+    upcast = io.workspace.take("upcast", n * cols * 4).view(torch.float32)
+    raw = io.workspace.take("output", n * cols * out_size)
     merged = raw.view(out_dtype).view(n, cols)
     if magnitude is not None:
         unrounded = dora_rows_into(weight, delta, magnitude, upcast, merged)
     else:
-        rounding = workspace.take("rounding", n * cols * round_to.itemsize).view(round_to) if round_to else None
+        rounding = io.workspace.take("rounding", n * cols * round_to.itemsize).view(round_to) if round_to else None
         unrounded = merge_rows_into(weight, delta, upcast, merged, round_delta_to=round_to, rounding=rounding)
-    check.block(merged, unrounded)
-    writer.write(memoryview(raw.numpy()))
+    io.check.block(merged, unrounded)
+    io.write(raw)
 
 
-def _merge_experts(
-    task: TensorTask,
-    update: ExpertUpdate,
-    deltas: ExpertDeltas,
-    reader: TensorReader,
-    writer: CheckpointWriter,
-    workspace: Workspace,
-    check: ValueCheck,
-) -> None:
+def _merge_experts(task: TensorTask, update: ExpertUpdate, deltas: ExpertDeltas, io: _Streams) -> None:
     """MoE LoRA, one expert's 2-D weight at a time: the fused (E, d1, d2) tensor expert by expert, or one per-expert
     tensor (rows of its expert's delta). PEFT rounds the delta to the weight's dtype, then adds."""
-    source = task.source
-    assert source is not None and task.replacement is None
+    entry = task.source
+    assert entry is not None and task.replacement is None
     held = DTYPES[task.held_dtype][0]
-    in_dtype, in_size = DTYPES[source.dtype]
     rows, cols = task.output.shape[-2:]
     for expert in range(update.experts) if update.expert is None else (update.expert,):
         delta = deltas.delta(update, expert)
         if update.rows is not None:
             delta = delta[update.rows[0] : update.rows[1]]
-            weight = reader.read(source).view(rows, cols)
+            weight = io.source.read(entry, io.reader).view(rows, cols)
         else:
-            raw_in = workspace.take("input", rows * cols * in_size)
-            reader.read_bytes_into(source.file, source.start + expert * rows * cols * in_size, raw_in)
-            weight = raw_in.view(in_dtype).view(rows, cols)
-        work = workspace.take("scratch", rows * cols * delta.element_size()).view(delta.dtype).view(rows, cols)
+            buffer = io.workspace.take("input", rows * cols * entry.torch_dtype.itemsize)
+            first = expert * rows * cols
+            weight = io.source.read_elements(entry, first, first + rows * cols, io.reader, buffer).view(rows, cols)
+        work = io.workspace.take("scratch", rows * cols * delta.element_size()).view(delta.dtype).view(rows, cols)
         work.copy_(delta)  # the sum overwrites its delta; the cached one is reused
-        _add_round_write(weight, work, task, held, None, writer, workspace, check)
+        _add_round_write(weight, work, task, held, None, io)
 
 
-def _replace_tokens(
-    task: TensorTask,
-    update: TokenUpdate,
-    step: int,
-    reader: TensorReader,
-    ahead: ReadAhead,
-    writer: CheckpointWriter,
-    workspace: Workspace,
-    check: ValueCheck,
-) -> None:
+def _replace_tokens(task: TensorTask, update: TokenUpdate, step: int, io: _Streams) -> None:
     """Trainable tokens: the weight as it is, a chunk of rows at a time, with the trained rows put in."""
     cols = task.output.shape[1]
     out_dtype, out_size = DTYPES[task.output.dtype]
     held = DTYPES[task.held_dtype][0]
     indices = torch.tensor(update.indices, dtype=torch.int64)
-    values = read_tensor(update.delta, reader)
-    for start, stop, block in _weight_rows(task, step, ahead, workspace):
-        raw = workspace.take("output", (stop - start) * cols * out_size)
+    values = read_tensor(update.delta, io.reader)
+    for start, stop, block in _weight_rows(task, step, io):
+        raw = io.workspace.take("output", (stop - start) * cols * out_size)
         out = raw.view(out_dtype).view(stop - start, cols)
         out.copy_(block)
         replace_token_rows(out, start, indices, values, held)
-        check.block(out)
-        writer.write(memoryview(raw.numpy()))
+        io.check.block(out)
+        io.write(raw)
 
 
-def _rows_source(task: TensorTask) -> AdapterTensor:
-    """The weight a LoRA delta is added to: the base's, or the adapter's replacement of it."""
+def _rows_source(task: TensorTask, base: Source) -> tuple[AdapterTensor, Source]:
+    """The weight a LoRA delta is added to, and its source: the base's, or the adapter's replacement of it."""
     if task.replacement is not None:
-        return task.replacement.tensor
+        return task.replacement.tensor, ADAPTER_SOURCE
     assert task.source is not None
-    return task.source
+    return task.source, base
 
 
-def _weight_rows(
-    task: TensorTask, step: int, ahead: ReadAhead, workspace: Workspace
-) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _weight_rows(task: TensorTask, step: int, io: _Streams) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The weight being merged, `step` rows at a time, as PEFT holds it: the base's, or the adapter's replacement
     rounded to the dtype the model was loaded in (into a reused buffer, not a new tensor per block). Yields
     (start, stop, rows), the rows valid until the next block."""
-    tensor = _rows_source(task)
+    tensor, source = _rows_source(task, io.source)
     dtype = dtype_of(tensor)
     cols = task.output.shape[1]
     held = DTYPES[task.held_dtype][0]
     rounds = task.replacement is not None and held != dtype
-    for start, stop, byte_range in _row_blocks(task, step):
-        rows = tensor[start:stop] if byte_range is None else ahead.take(byte_range).view(dtype).view(stop - start, cols)
+    for start, stop in _row_blocks(task, step):
+        if isinstance(tensor, TensorEntry):
+            rows = io.elements(tensor, start * cols, stop * cols, source).view(stop - start, cols)
+        else:
+            rows = tensor[start:stop]
         if rounds:
-            rows = workspace.take("held", rows.numel() * held.itemsize).view(held).view(rows.shape).copy_(rows)
+            rows = io.workspace.take("held", rows.numel() * held.itemsize).view(held).view(rows.shape).copy_(rows)
         yield start, stop, rows
 
 
-def _held_source(task: TensorTask, reader: TensorReader) -> torch.Tensor:
+def _held_source(task: TensorTask, io: _Streams) -> torch.Tensor:
     """The whole weight being merged, in the dtype PEFT holds it in."""
     if task.replacement is not None:
-        weight = read_tensor(task.replacement.tensor, reader)
+        weight = read_tensor(task.replacement.tensor, io.reader)
     else:
         assert task.source is not None
-        weight = reader.read(task.source)
+        weight = io.source.read(task.source, io.reader)
     return held_weight(weight, DTYPES[task.held_dtype][0])
 
 
-def _write_tensor(
-    values: torch.Tensor, task: TensorTask, writer: CheckpointWriter, workspace: Workspace, check: ValueCheck
-) -> None:
+def _write_tensor(values: torch.Tensor, task: TensorTask, io: _Streams) -> None:
     """Round a tensor held in memory to the output dtype and write it in row-major order, a chunk at a time."""
     out_dtype, out_size = DTYPES[task.output.dtype]
     flat_rows = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.view(-1, 1)
@@ -428,6 +419,6 @@ def _write_tensor(
     step = _chunk_rows(cols, out_size)
     for start in range(0, flat_rows.shape[0], step):
         stop = min(flat_rows.shape[0], start + step)
-        raw = workspace.take("output", (stop - start) * cols * out_size)
-        check.block(raw.view(out_dtype).view(stop - start, cols).copy_(flat_rows[start:stop]), flat_rows[start:stop])
-        writer.write(memoryview(raw.numpy()))
+        raw = io.workspace.take("output", (stop - start) * cols * out_size)
+        io.check.block(raw.view(out_dtype).view(stop - start, cols).copy_(flat_rows[start:stop]), flat_rows[start:stop])
+        io.write(raw)

@@ -19,31 +19,26 @@ The layer kinds differ only in small ways, each copied from PEFT 0.21 (`tuners/l
 - lora_bias: bias += s * lora_B.bias.
 - trainable tokens: W[indices] = delta.to(W.dtype), rows replaced rather than added to (index_copy).
 - Several adapters at once (add_weighted_adapter's "cat" and "linear"): combined into one LoRA per module first
-  (combined_factor), then merged as one adapter with scaling 1; one weighted adapter scales alpha (weighted_alpha).
+  (combination.py), then merged as one adapter with scaling 1.
 - MoE experts (target_parameters, PEFT's ParamWrapper), W (E, d1, d2): A (E*r, in) is expert-major, B (out, E*r)
   rank-major; W[e] += round(s * B3[:, :, e] @ A3[e]) with A3 = A.reshape(E, r, in), B3 = B.reshape(out, r, E),
   transposed where the layer stores (experts, in, out) (gpt-oss). PEFT computes all experts in one einsum and
   rounds the delta to the weight's dtype before adding it; one expert's product equals its slice of the einsum
-  (checked per shape, see ExpertCheck).
+  (checked per shape, see blocking.ExpertCheck).
 """
 
 from __future__ import annotations
 
 import enum
-import logging
 import math
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from ..adapter.patterns import pattern_keys
+from ..adapter.weights import adapter_dtype
 
-log = logging.getLogger(__name__)
-
-# Merges work on blocks of weight rows of about this many elements, so float32 intermediates stay in cache
-# and memory does not grow with the tensor (a 70B down_proj would need ~2.8 GB of buffers whole).
-BLOCK_ELEMENTS = 1 << 20
-# The fewest rows a block's B @ A is computed on (see linear_delta_rows).
+# The fewest rows a block's B @ A is computed on (see linear_delta_rows); blocking.py sizes the blocks.
 MIN_BLOCK_ROWS = 16
 
 # transformers' Conv1D (pytorch_utils.Conv1D) stores its weight (in, out); PEFT transposes the delta for it by
@@ -132,11 +127,6 @@ def _model_types(config: dict[str, object], depth: int = 0) -> set[str]:
             if isinstance(value, dict):
                 found |= _model_types(value, depth + 1)
     return found  # type: ignore[return-value]
-
-
-def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype PEFT holds an adapter tensor in once loaded: half precision upcast to float32, float32/64 as saved."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def factor_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -242,7 +232,7 @@ def dora_rows_into(
 
     PEFT's DoraLinearVariant.merge: the norm is `torch.linalg.norm(W + 1 * delta, dim=1)`, a reduction along each
     contiguous row on its own, so a block of rows gets the same norms as the whole weight (tests/test_dora.py and
-    BlockingCheck verify it). `delta` is overwritten with V.
+    blocking.BlockingCheck verify it). `delta` is overwritten with V.
     """
     v = _sum_into(weight, delta, upcast)
     factor = magnitude / torch.linalg.norm(v, dim=1).to(v.dtype)
@@ -285,153 +275,10 @@ def replace_token_rows(
         rows.index_copy_(0, indices[inside] - start, values[inside].to(held_dtype).to(rows.dtype))
 
 
-class Combination(enum.Enum):
-    """How several adapters become one, as PEFT's `add_weighted_adapter` combines them."""
-
-    CAT = "cat"  # the exact weighted sum of the deltas: ranks stacked, sum(w_i * s_i * B_i @ A_i)
-    LINEAR = "linear"  # PEFT's "linear": factors averaged, (sum c_i B_i) @ (sum c_i A_i), cross terms included
-
-
-def weighted_alpha(alpha: float, weight: float) -> float:
-    """One adapter's alpha with its weight folded in: PEFT's `set_scale(weight)` gives scaling weight * alpha / r
-    (or / sqrt(r)), and weight * alpha / r == (weight * alpha) / r in floating point, operation for operation."""
-    return weight * alpha
-
-
-def combined_factor(
-    how: Combination, side: str, factors: list[torch.Tensor], multipliers: list[tuple[float, ...]], rank: int
-) -> torch.Tensor:
-    """One factor (`side` "a" or "b") of several adapters' LoRAs on one module combined into a single LoRA, as
-    `add_weighted_adapter` builds it (PEFT 0.21), so that the combination merges as one adapter with scaling 1.
-
-    cat: A' = [A_1 * w_1 * s_1; A_2 * w_2 * s_2; ...], B' = [B_1, B_2, ...], zero-padded to `rank` (PEFT sizes the
-    new adapter by the sum of the adapters' largest ranks), so B' @ A' = sum(w_i * s_i * B_i @ A_i): the weighted
-    sum of the deltas. `multipliers[i]` are applied one after the other, as PEFT's `A * weight * scaling` does.
-    linear: A' = sum(c_i * A_i) with c_i = sign * sqrt(|w_i * s_i|) (the sign on A only), B' = sum(|c_i| * B_i),
-    each coefficient a float32 as PEFT's `task_arithmetic` holds it.
-    """
-    dtype = factors[0].dtype
-    for factor in factors[1:]:
-        dtype = torch.promote_types(dtype, factor.dtype)
-    if how is Combination.LINEAR:
-        stacked = torch.stack([factor.to(dtype) for factor in factors])
-        coefficients = torch.tensor([m for (m,) in multipliers], dtype=torch.float32)
-        return (stacked * coefficients.view(-1, *(1,) * factors[0].dim())).sum(dim=0).to(dtype)
-    scaled = []
-    for factor, factor_multipliers in zip(factors, multipliers, strict=True):
-        for multiplier in factor_multipliers:
-            factor = factor * multiplier
-        scaled.append(factor.to(dtype))
-    axis = 0 if side == "a" else 1
-    joined = torch.cat(scaled, dim=axis)
-    shape = list(joined.shape)
-    shape[axis] = rank
-    out = torch.zeros(shape, dtype=dtype)
-    out.narrow(axis, 0, joined.shape[axis]).copy_(joined)
-    return out
-
-
-def linear_coefficients(weight: float, scaling: float) -> tuple[float, float]:
-    """PEFT's "linear" coefficients of one adapter's A and B: the square root of |weight * scaling| on both, its
-    sign on A only (so a negative weight subtracts instead of cancelling out)."""
-    product = weight * scaling
-    root = math.sqrt(abs(product))
-    return (root if product >= 0 else -root), root
-
-
 def held_weight(weight: torch.Tensor, held_dtype: torch.dtype) -> torch.Tensor:
     """A tensor PEFT would first load into a parameter of `held_dtype` (a float32 modules_to_save tensor going into
     a bfloat16 model), rounded the way that copy rounds it."""
     return weight if weight.dtype == held_dtype else weight.to(held_dtype)
-
-
-def _sum_into(weight: torch.Tensor, delta: torch.Tensor, upcast: torch.Tensor) -> torch.Tensor:
-    """V = W + delta as PEFT sums it: in float32 into `delta` (W widened through the float32 buffer `upcast`), or
-    in float64 where either side is float64 (PEFT adds a float32 delta to a float64 weight, or a float64 delta to
-    any weight, in float64: the type promotion of `weight + delta`)."""
-    if delta.dtype == torch.float32 and weight.dtype != torch.float64:
-        return delta.add_(_widened(weight, upcast))
-    return weight + delta
-
-
-def _widened(weight: torch.Tensor, upcast: torch.Tensor) -> torch.Tensor:
-    if weight.dtype == torch.float32:
-        return weight
-    return upcast[: weight.numel()].view(weight.shape).copy_(weight)
-
-
-class BlockingCheck:
-    """Whether row-blocked B @ A equals the whole product bit for bit, per shape, on this machine's BLAS.
-
-    Which kernel runs depends on the shapes (and thread count), not the values, so one comparison on random
-    factors per distinct shape settles it for every tensor of that shape. A shape that fails is merged as one
-    block, which costs memory but never exactness.
-    """
-
-    def __init__(self) -> None:
-        self._verdicts: dict[tuple[object, ...], bool] = {}
-
-    def rows_per_block(
-        self,
-        rows: int,
-        cols: int,
-        a: tuple[int, ...],
-        b: tuple[int, ...],
-        dtype: torch.dtype,
-        transposed: bool,
-        dora: bool = False,
-    ) -> int:
-        """Rows per block for a weight of `rows` x `cols` updated by factors of shapes `a` and `b` multiplied in
-        `dtype`; `dora` also checks DoRA's row norms, blocked against whole."""
-        wanted = max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(cols, 1))
-        if wanted >= rows:
-            return rows
-        # The self-test runs on two full blocks and the real tail, not on all rows: what it guards against is the
-        # kernel chosen for a block's shape, and a whole-tensor reference would cost memory growing with the model
-        # (235 MB for an 8B down_proj). Full-size products are compared with PEFT's by the tests and the benchmark.
-        proxy_rows = min(rows, 2 * wanted + (rows % wanted or wanted))
-        a_shape = (a[0], proxy_rows) if transposed else a
-        b_shape = b if transposed else (proxy_rows, b[1])
-        key = (a_shape, b_shape, dtype, transposed, wanted, dora)
-        if key not in self._verdicts:
-            self._verdicts[key] = blocks_match_whole(a_shape, b_shape, dtype, transposed, wanted, dora)
-            if not self._verdicts[key]:
-                log.info("blocked LoRA products differ from whole ones for A%s B%s; merging whole", a, b)
-        return wanted if self._verdicts[key] else rows
-
-
-def blocks_match_whole(
-    a_shape: tuple[int, ...],
-    b_shape: tuple[int, ...],
-    dtype: torch.dtype,
-    transposed: bool,
-    rows_per_block: int,
-    dora: bool = False,
-) -> bool:
-    """Compute B @ A whole and in blocks of `rows_per_block` weight rows on random factors; True if bit-identical.
-
-    With `dora`, the row norms of W + delta too (random W), blocked against whole.
-    """
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(a_shape, generator=generator, dtype=dtype)
-    b = torch.randn(b_shape, generator=generator, dtype=dtype)
-    whole = b @ a
-    if transposed:
-        whole = whole.T
-    rows, cols = whole.shape
-    weight = torch.randn(rows, cols, generator=generator, dtype=dtype) if dora else None
-    whole_norm = torch.linalg.norm(weight + whole, dim=1) if weight is not None else None
-    scratch = torch.empty(max(rows_per_block, MIN_BLOCK_ROWS) * cols, dtype=dtype)
-    for start in range(0, rows, rows_per_block):
-        stop = min(rows, start + rows_per_block)
-        block = linear_delta_rows(a, b, 1.0, transposed, start, stop, scratch)
-        if not torch.equal(block, whole[start:stop]):
-            return False
-        if weight is not None and whole_norm is not None:
-            norm = torch.linalg.norm(weight[start:stop] + block, dim=1)
-            if not torch.equal(norm, whole_norm[start:stop]):
-                return False
-    return True
 
 
 def expert_delta(
@@ -456,29 +303,16 @@ def expert_deltas_whole(
     return torch.einsum("o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i", b3, a3) * scaling
 
 
-class ExpertCheck:
-    """Whether one expert's product equals its slice of PEFT's batched einsum bit for bit, per factor shape.
+def _sum_into(weight: torch.Tensor, delta: torch.Tensor, upcast: torch.Tensor) -> torch.Tensor:
+    """V = W + delta as PEFT sums it: in float32 into `delta` (W widened through the float32 buffer `upcast`), or
+    in float64 where either side is float64 (PEFT adds a float32 delta to a float64 weight, or a float64 delta to
+    any weight, in float64: the type promotion of `weight + delta`)."""
+    if delta.dtype == torch.float32 and weight.dtype != torch.float64:
+        return delta.add_(_widened(weight, upcast))
+    return weight + delta
 
-    Like BlockingCheck: the kernel depends on shapes, not values, so random factors of the real per-expert shape
-    (two experts, not all of them, to keep the check small) settle it. A shape that fails is merged from the
-    whole einsum, which costs memory but never exactness.
-    """
 
-    def __init__(self) -> None:
-        self._verdicts: dict[tuple[object, ...], bool] = {}
-
-    def per_expert(self, a: tuple[int, ...], b: tuple[int, ...], experts: int, dtype: torch.dtype) -> bool:
-        rank = a[0] // experts
-        proxy = min(experts, 2)
-        key = (rank, a[1], b[0], proxy, dtype)
-        if key not in self._verdicts:
-            generator = torch.Generator().manual_seed(0)
-            fa = torch.randn(proxy * rank, a[1], generator=generator, dtype=dtype)
-            fb = torch.randn(b[0], proxy * rank, generator=generator, dtype=dtype)
-            whole = expert_deltas_whole(fa, fb, proxy, 1.0, False)
-            self._verdicts[key] = all(
-                torch.equal(expert_delta(fa, fb, proxy, e, 1.0, False), whole[e]) for e in range(proxy)
-            )
-            if not self._verdicts[key]:
-                log.info("per-expert LoRA products differ from PEFT's einsum for A%s B%s; merging whole", a, b)
-        return self._verdicts[key]
+def _widened(weight: torch.Tensor, upcast: torch.Tensor) -> torch.Tensor:
+    if weight.dtype == torch.float32:
+        return weight
+    return upcast[: weight.numel()].view(weight.shape).copy_(weight)

@@ -11,43 +11,15 @@ import json
 import mmap
 import os
 import queue
-import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointFormatError, OutputError
-from ..inputs.format import encode_header, tensor_nbytes
+from ..inputs.format import encode_header, read_safetensors_header
 from ..names import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, shard_name
-
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9 and '5GiB' -> 5*2**30, the way transformers reads max_shard_size."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)")
-    number, unit = match.groups()
-    size = int(float(number) * _UNITS[(unit or "B").upper()])
-    if size <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return size
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_nbytes(self.dtype, self.shape)
+from ..plan.tasks import OutputTensor
 
 
 @dataclass(frozen=True)
@@ -83,8 +55,10 @@ def index_json(shards: list[ShardLayout]) -> dict[str, object] | None:
     return {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
 
 
-class CheckpointWriter:
-    """Streams tensors into planned shards: begin(name) in plan order, write()/copy_from() its bytes, end().
+class SafetensorsSink:
+    """A sink (outputs/sink.py) writing transformers' safetensors layout: model.safetensors, or shards of at most
+    `max_shard_bytes` and model.safetensors.index.json. start(tensors) plans the shards; then begin(name) in that
+    order, write()/copy_from() its bytes, end(); finish() writes the index and reads back what was written.
 
     Bytes are gathered into a few reused, page-aligned pieces; a background thread writes each full piece while
     the caller fills the next, so reading and merging overlap with the disk. Where the filesystem allows it the
@@ -92,21 +66,32 @@ class CheckpointWriter:
     machine a 16 GB `cp` takes 40 s, a direct write of the same bytes 8 s) and evict the input being read.
     """
 
-    def __init__(self, directory: Path, shards: list[ShardLayout], metadata: dict[str, str]) -> None:
+    def __init__(self, directory: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
         self._directory = directory
-        self._shards = shards
-        self._metadata = metadata
-        self._order = [(i, t) for i, shard in enumerate(shards) for t in shard.tensors]
+        self._max_shard_bytes = max_shard_bytes
+        self._metadata = {"format": "pt"} if metadata is None else metadata
+        self._shards: list[ShardLayout] = []
+        self._order: list[tuple[int, OutputTensor]] = []
         self._position = -1
         self._open_shard = -1
         self._remaining = 0
         self.bytes_written = 0
-        largest_file = max((shard.nbytes for shard in shards), default=0) + MAX_HEADER_ESTIMATE
-        self._pieces = _PieceWriter(min(PIECE_BYTES, _round_up(largest_file, BLOCK_BYTES)))
+        self._pieces: _PieceWriter | None = None
         self._direct = _direct_io_works(directory)
         self._file: _OpenShard | None = None
 
-    def begin(self, name: str) -> OutputTensor:
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The weight files, in order (the index, if any, is beside them)."""
+        return tuple(shard.file_name for shard in self._shards)
+
+    def start(self, tensors: Sequence[OutputTensor]) -> None:
+        self._shards = plan_shards(list(tensors), self._max_shard_bytes)
+        self._order = [(i, t) for i, shard in enumerate(self._shards) for t in shard.tensors]
+        largest_file = max((shard.nbytes for shard in self._shards), default=0) + MAX_HEADER_ESTIMATE
+        self._pieces = _PieceWriter(min(PIECE_BYTES, _round_up(largest_file, BLOCK_BYTES)))
+
+    def begin(self, name: str) -> None:
         if self._remaining:
             raise RuntimeError(f"tensor '{self._order[self._position][1].name}' is not complete")
         self._position += 1
@@ -118,7 +103,6 @@ class CheckpointWriter:
         if shard_index != self._open_shard:
             self._start_shard(shard_index)
         self._remaining = tensor.nbytes
-        return tensor
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
@@ -132,10 +116,10 @@ class CheckpointWriter:
         """Copy bytes of another file (`source`, for messages): read straight into the output piece."""
         if count > self._remaining:
             raise RuntimeError("more bytes copied than the tensor holds")
-        file = self._current()
+        file, pieces = self._current()
         end = offset + count
         while offset < end:
-            space = file.space(self._pieces)
+            space = file.space(pieces)
             try:
                 n = os.preadv(src_fd, [space[: end - offset]], offset)
             except OSError as exc:
@@ -144,7 +128,7 @@ class CheckpointWriter:
                 space.release()
             if n == 0:
                 raise CheckpointFormatError(f"{source}: file ended early (truncated while reading)")
-            file.advance(n, self._pieces)
+            file.advance(n, pieces)
             offset += n
             self._remaining -= n
             self.bytes_written += n
@@ -153,38 +137,66 @@ class CheckpointWriter:
         if self._remaining:
             raise RuntimeError(f"tensor '{self._order[self._position][1].name}' is missing {self._remaining} bytes")
 
-    def close(self) -> None:
-        """Finish the last shard and write the index; every planned tensor must have been written."""
+    def finish(self) -> None:
+        """Finish the last shard, write the index and read back what was written; every planned tensor must have
+        been written."""
         self.end()
         if self._position != len(self._order) - 1:
             missing = self._order[self._position + 1][1].name
             raise RuntimeError(f"output incomplete: tensor '{missing}' was never written")
         self._close_shard()
-        self._pieces.stop()
+        if self._pieces is not None:
+            self._pieces.stop()
         index = index_json(self._shards)
         if index is not None:
             (self._directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        self.check()
+
+    def check(self) -> None:
+        """Every planned tensor is in the shards exactly once with its dtype and shape, each shard ends where its
+        last tensor does, and the index agrees (names and total size)."""
+        found: dict[str, tuple[str, tuple[int, ...], str]] = {}
+        for shard in self._shards:
+            path = self._directory / shard.file_name
+            header = read_safetensors_header(path)
+            for entry in header.tensors:
+                if entry.name in found:
+                    raise CheckpointFormatError(f"{path}: tensor '{entry.name}' was written twice")
+                found[entry.name] = (entry.dtype, entry.shape, shard.file_name)
+            end = header.tensors[-1].end if header.tensors else 0
+            if sum(e.nbytes for e in header.tensors) != shard.nbytes or path.stat().st_size != end:
+                raise CheckpointFormatError(f"{path}: written shard is not the planned size")
+        expected = {t.name: (t.dtype, t.shape) for _, t in self._order}
+        if {k: v[:2] for k, v in found.items()} != expected:
+            raise CheckpointFormatError(f"{self._directory}: written shards do not match the plan")
+        if len(self._shards) > 1:
+            index = json.loads((self._directory / WEIGHTS_INDEX_NAME).read_text())
+            weight_map = index["weight_map"]
+            total = sum(shard.nbytes for shard in self._shards)
+            if index["metadata"]["total_size"] != total or weight_map != {n: v[2] for n, v in found.items()}:
+                raise CheckpointFormatError(f"{self._directory / WEIGHTS_INDEX_NAME}: index does not match the shards")
 
     def abort(self) -> None:
         """Stop after a failure: the background writer ends, the open file is closed (the caller removes it)."""
-        self._pieces.stop()
+        if self._pieces is not None:
+            self._pieces.stop()
         if self._file is not None:
             self._file.close_fd()
             self._file = None
 
-    def _current(self) -> _OpenShard:
-        if self._file is None:
+    def _current(self) -> tuple[_OpenShard, _PieceWriter]:
+        if self._file is None or self._pieces is None:
             raise RuntimeError("no tensor begun")
-        return self._file
+        return self._file, self._pieces
 
     def _put(self, view: memoryview) -> None:
-        file = self._current()
+        file, pieces = self._current()
         while view:
-            space = file.space(self._pieces)
+            space = file.space(pieces)
             n = min(len(space), len(view))
             space[:n] = view[:n]
             space.release()
-            file.advance(n, self._pieces)
+            file.advance(n, pieces)
             view = view[n:]
 
     def _start_shard(self, shard_index: int) -> None:
@@ -201,6 +213,7 @@ class CheckpointWriter:
 
     def _close_shard(self) -> None:
         if self._file is not None:
+            assert self._pieces is not None
             self._file.finish(self._pieces)
             self._file = None
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CheckpointFormatError, UploadError, first_line
 from ..inputs.index import read_index
 from ..names import CONFIG_NAME, WEIGHTS_INDEX_NAME
-from .staging import output_lock
+from .lock import output_lock
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi

@@ -8,12 +8,11 @@ not after minutes of writing.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from ..adapter.weights import (
     TokenDelta,
     describe_key,
 )
+from ..dtypes import OUTPUT_DTYPES
 from ..errors import AdapterFormatError, KeyMatchError, ShapeMismatch, UnsupportedAdapter
 from ..inputs.format import DTYPES, FLOAT_DTYPES, TensorEntry
 from ..inputs.index import CheckpointIndex
@@ -39,17 +39,25 @@ from ..merging.variants import (
     conv1d_names,
     fitting_layouts,
     lora_scaling,
-    merged_whole,
     module_rank_alpha,
     rounds_delta,
 )
-from ..outputs.safetensors import OutputTensor, ShardLayout, plan_shards
 from .keymap import EXPERT_LAYOUTS, Loader, is_expert_linear, match_tensors
+from .tasks import (
+    Action,
+    BiasUpdate,
+    ExpertUpdate,
+    LoraUpdate,
+    MergePlan,
+    OutputTensor,
+    TensorTask,
+    TokenUpdate,
+    Update,
+    Updates,
+)
 
 log = logging.getLogger(__name__)
 
-OUTPUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
-TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 # Module names of a language model's input embedding and output head, as transformers names them.
 INPUT_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")
@@ -58,101 +66,6 @@ DEFAULT_HEAD = "lm_head.weight"
 
 # Tells whether two adapter tensors hold the same values (the second transposed when asked).
 SameValues = Callable[[AdapterTensor, AdapterTensor, bool], bool]
-
-
-class Action(enum.Enum):
-    COPY = "copy"  # bytes unchanged
-    CONVERT = "convert"  # same values, another float dtype
-    MERGE = "merge"  # W + delta (W from the base, or from the adapter's replacement)
-    REPLACE = "replace"  # the adapter's tensor instead of the base's
-
-
-@dataclass(frozen=True)
-class LoraUpdate:
-    pair: LoraPair
-    scaling: float
-    layout: Layout
-    round_delta: bool = False  # PEFT rounds the delta to the weight's dtype before adding it
-
-    @property
-    def transposed(self) -> bool:
-        return self.layout.transposed
-
-    @property
-    def dora(self) -> bool:
-        return self.pair.magnitude is not None
-
-    @property
-    def whole(self) -> bool:
-        return merged_whole(self.layout, self.dora)
-
-
-@dataclass(frozen=True)
-class BiasUpdate:
-    """lora_bias=True: bias += scaling * lora_B.bias."""
-
-    tensor: AdapterTensor
-    scaling: float
-
-
-@dataclass(frozen=True)
-class TokenUpdate:
-    """trainable_token_indices: rows `indices` of the weight take the values of `delta` (tokens, dim)."""
-
-    indices: tuple[int, ...]
-    delta: AdapterTensor
-
-
-@dataclass(frozen=True)
-class ExpertUpdate:
-    """LoRA on a fused 3-D expert parameter (target_parameters): A (E*r, in) and B (out, E*r) update W (E, d1, d2).
-
-    `expert` None: the output tensor is the fused parameter itself, merged one expert at a time. Otherwise it is
-    one expert's Linear weight of a per-expert checkpoint: rows `rows` of that expert's (d1, d2) delta.
-    """
-
-    pair: LoraPair
-    scaling: float
-    experts: int
-    transposed: bool  # W is (experts, in, out): the layer's `is_transposed`
-    expert: int | None = None
-    rows: tuple[int, int] | None = None
-
-
-Update = LoraUpdate | BiasUpdate | TokenUpdate | ExpertUpdate
-# Output tensor name -> its update and the adapter keys that make it.
-Updates = dict[str, tuple[Update, tuple[str, ...]]]
-
-
-@dataclass(frozen=True)
-class TensorTask:
-    output: OutputTensor
-    action: Action
-    held_dtype: str  # the dtype PEFT holds the weight in while it merges
-    source: TensorEntry | None = None  # the base tensor the values come from
-    replacement: Replacement | None = None  # or the adapter tensor that replaces it
-    update: Update | None = None
-    adapter_keys: tuple[str, ...] = ()  # the adapter tensors this output uses
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    tasks: tuple[TensorTask, ...]
-    shards: tuple[ShardLayout, ...]
-    config_changes: dict[str, Any] = field(default_factory=dict)
-    unused: tuple[str, ...] = ()  # adapter keys that update nothing (only with allow_unused)
-    tied_copies: tuple[str, ...] = ()  # adapter keys that mirror tied tensors already merged
-    # why an unused key is unused, where it is not that it matches no base tensor (adapter_config.json leaves its
-    # module out)
-    unused_reasons: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def output_bytes(self) -> int:
-        return sum(shard.nbytes for shard in self.shards)
-
-    def count(self, action: Action) -> int:
-        return sum(1 for task in self.tasks if task.action is action)
 
 
 @dataclass(frozen=True)
@@ -221,7 +134,6 @@ def build_plan(
     weights: AdapterWeights,
     loader: Loader,
     dtype: str,
-    max_shard_bytes: int,
     allow_unused: bool = False,
     same_values: SameValues | None = None,
 ) -> MergePlan:
@@ -356,10 +268,8 @@ def build_plan(
         warn_unselected(config, unselected)
         unused.extend(unselected)
     _vocab_changes(tasks, base, embeddings, changes, weights.path)
-    shards = plan_shards([task.output for task in tasks], max_shard_bytes)
     return MergePlan(
         tasks=tuple(tasks),
-        shards=tuple(shards),
         config_changes=changes,
         unused=tuple(unused),
         tied_copies=tuple(tied_copies),

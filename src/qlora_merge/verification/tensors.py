@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ import torch
 from ..inputs.format import TensorEntry
 from ..inputs.index import CheckpointIndex
 from ..inputs.reader import TensorReader
+from ..inputs.sources import Source
 from ..merging.stream import run_plan
 from ..names import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
-from ..outputs.staging import write_config
-from ..plan.matching import MergePlan
+from ..outputs.companions import write_config
+from ..plan.tasks import MergePlan, OutputTensor
 
 # The merged checkpoint is read back in pieces of at most this many bytes, compared with what the merge produces.
 COMPARE_CHUNK_BYTES = 8 << 20
@@ -56,13 +58,14 @@ class VerifyReport:
         return asdict(self) | {"merged": str(self.merged), "ok": self.ok}
 
 
-def check_against_plan(plan: MergePlan, merged: CheckpointIndex, reader: TensorReader) -> VerifyReport:
+def check_against_plan(plan: MergePlan, source: Source, merged: CheckpointIndex, reader: TensorReader) -> VerifyReport:
     """Run the plan into a sink that compares each tensor with `merged`, then account for every merged tensor."""
-    sink = _ComparingSink(merged)
+    sink = ComparingSink(merged)
     try:
-        run_plan(plan, reader, sink, lambda task, written: None)  # type: ignore[arg-type]
+        run_plan(plan, source, reader, sink, lambda task, written: None)
+        sink.finish()
     finally:
-        sink.close()
+        sink.abort()
     planned = {task.output.name for task in plan.tasks}
     for task in plan.tasks:
         entry = merged.tensors.get(task.output.name)
@@ -195,9 +198,9 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-class _ComparingSink:
-    """Takes a merge's output like CheckpointWriter does (begin / write / copy_from / end) and compares it with the
-    merged checkpoint's bytes instead of writing them."""
+class ComparingSink:
+    """A sink (outputs/sink.py) that compares a merge's output with the merged checkpoint's bytes instead of writing
+    them: what verify runs the plan into."""
 
     def __init__(self, merged: CheckpointIndex) -> None:
         self._merged = merged
@@ -210,6 +213,9 @@ class _ComparingSink:
         self.mismatched: list[str] = []
         self.missing: list[str] = []
         self.details: dict[str, str] = {}
+
+    def start(self, tensors: Sequence[OutputTensor]) -> None:
+        """Nothing to lay out: the merged files are there already."""
 
     def begin(self, name: str) -> None:
         self._name, self._cursor, self._equal = name, 0, True
@@ -238,7 +244,10 @@ class _ComparingSink:
         if not self._equal:
             self.mismatched.append(self._name)
 
-    def close(self) -> None:
+    def finish(self) -> None:
+        self._reader.close()
+
+    def abort(self) -> None:
         self._reader.close()
 
     def _compare(self, expected: memoryview) -> None:

@@ -1,0 +1,181 @@
+"""Everything before a byte is written: resolve the inputs, read the base's headers and the adapters, plan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapter import read_adapter
+from .adapter.combine import WeightedAdapter, adapter_to_merge, scaled_config
+from .adapter.config import LoraConfig
+from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
+from .describe import adapter_detail, combined_detail, lora_summary
+from .inputs.base_choice import check_not_swapped
+from .inputs.config import read_base_config
+from .inputs.index import open_checkpoint
+from .inputs.reader import TensorReader
+from .inputs.remote import RemoteBase, is_repo_ref, remote_base
+from .inputs.resolve import resolve_adapter, resolve_base
+from .inputs.sources import Source, source_for
+from .merging.combination import Combination
+from .names import ADAPTER_CONFIG_NAME
+from .options import MergeOptions
+from .outputs.companions import adapter_tokenizer_files, companion_files
+from .outputs.overlap import check_not_inside
+from .outputs.staging import check_output_free
+from .plan.keymap import resolve_loader
+from .plan.matching import CoverageRow, build_plan, coverage
+from .plan.tasks import MergePlan
+from .progress import ProgressCallback, human_bytes, stage
+
+log = logging.getLogger(__name__)
+
+# Tensors that may be tied copies of each other are compared this many bytes at a time.
+COMPARE_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Resolved, validated inputs and the plan made from them; nothing has been written yet."""
+
+    base_dir: Path
+    adapter_dirs: tuple[Path, ...]
+    base_config: dict[str, Any]
+    architecture: str
+    plan: MergePlan
+    source: Source  # how the base's tensors are read
+    companions: tuple[Path, ...]
+    coverage: tuple[CoverageRow, ...]  # every adapter tensor and what it does to the output
+    adapter_weights: tuple[float, ...] = ()
+    loras: tuple[str, ...] = ()  # per adapter: r, alpha, scaling and variants, for the model card
+    base_shards: tuple[str, ...] = ()
+    adapter_files: tuple[tuple[str, ...], ...] = ()  # per adapter: its weights file and config
+    combination: str | None = None  # with several adapters
+    subtract: bool = False
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.adapter_dirs[0]
+
+
+def prepare(
+    base: str,
+    adapters: list[tuple[str, float]],
+    output: Path | None,
+    options: MergeOptions,
+    progress: ProgressCallback,
+    timings: dict[str, float],
+    *,
+    headers_only: bool = False,
+) -> Inputs:
+    """Resolve the inputs (downloading what the hub has), read the base's headers and the adapters, and plan the
+    merge, reporting each stage to `progress` and timing it in `timings`. With `output`, it is checked first (free,
+    not an input). Every error a user can cause is raised here, before a byte is written."""
+    hf_token, how, subtract = options.hf_token, Combination(options.combine), options.subtract
+    with stage("resolve", progress, timings) as step:
+        if output is not None:
+            check_output_free(output, options.overwrite)
+        remote = _remote_base(base, hf_token) if headers_only else None
+        base_dir = remote.index.root if remote is not None else resolve_base(base, hf_token)
+        adapter_dirs = [resolve_adapter(ref, hf_token, options.adapter_name) for ref, _ in adapters]
+        check_not_swapped(base_dir, adapter_dirs, base, [ref for ref, _ in adapters])
+        if output is not None:
+            check_not_inside(output, [base_dir], may_hold=adapter_dirs)
+        base_config = remote.config if remote is not None else read_base_config(base_dir)
+        resolved_loader = resolve_loader(options.loader, base_config)
+        step.detail = resolved_loader.architecture
+    with stage("base", progress, timings) as step:
+        index = remote.index if remote is not None else open_checkpoint(base_dir)
+        step.detail = f"{len(index.tensors)} tensors in {len(index.files)} file(s), {human_bytes(index.total_bytes)}"
+        if remote is not None:
+            step.detail += f", headers only: {human_bytes(remote.header_bytes)} read from the hub"
+    with stage("tokenizer", progress, timings) as step:
+        from_adapter = _adapters_tokenizer(adapter_dirs)
+        overridden = {p.name for p in from_adapter} | {"config.json"}
+        on_disk = companion_files(base_dir, index.weight_file_names) if remote is None else []
+        companions = [p for p in on_disk if p.name not in overridden]
+        step.detail = f"{len(companions) + len(from_adapter)} files" + (
+            f", tokenizer from the adapter ({len(from_adapter)} files)" if from_adapter else ""
+        )
+    with stage("adapter", progress, timings) as step:
+        read = [
+            WeightedAdapter(*read_adapter(directory), weight)
+            for directory, (_, weight) in zip(adapter_dirs, adapters, strict=True)
+        ]
+        with TensorReader() as reader:
+
+            def plan_for(config: LoraConfig, weights: AdapterWeights) -> MergePlan:
+                return build_plan(
+                    index,
+                    base_config,
+                    config,
+                    weights,
+                    resolved_loader,
+                    options.dtype,
+                    allow_unused=options.allow_unused,
+                    same_values=lambda x, y, transpose: _same_values(x, y, transpose, reader),
+                )
+
+            if len(read) > 1:  # each against the base on its own first: its errors name its own files
+                for adapter in read:
+                    plan_for(scaled_config(adapter), adapter.weights)
+            config, weights = adapter_to_merge(read, how, subtract)
+            plan = plan_for(config, weights)
+        rows = coverage(plan, weights)
+        step.detail = adapter_detail(read[0], subtract) if len(read) == 1 else combined_detail(read, how, subtract)
+    return Inputs(
+        base_dir=base_dir,
+        adapter_dirs=tuple(adapter_dirs),
+        base_config=base_config,
+        architecture=resolved_loader.architecture,
+        plan=plan,
+        source=source_for(index),
+        companions=tuple(companions + from_adapter),
+        coverage=tuple(rows),
+        adapter_weights=tuple(weight for _, weight in adapters),
+        loras=tuple(lora_summary(adapter.config, adapter.weights) for adapter in read),
+        base_shards=tuple(sorted(index.weight_file_names)),
+        adapter_files=tuple((adapter.weights.path.name, ADAPTER_CONFIG_NAME) for adapter in read),
+        combination=how.value if len(read) > 1 else None,
+        subtract=subtract,
+    )
+
+
+def _remote_base(base: str, hf_token: str | None) -> RemoteBase | None:
+    """A hub base read from its headers, when `base` is a repo id and the hub may be asked; else None (a local
+    directory, or HF_HUB_OFFLINE, where a complete cached snapshot still serves)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or not is_repo_ref(base):
+        return None
+    return remote_base(base, hf_token)
+
+
+def _adapters_tokenizer(adapter_dirs: list[Path]) -> list[Path]:
+    """The tokenizer files saved with the adapters, which replace the base's: the first adapter's that has any.
+    Another adapter's different tokenizer is reported, since the merged model can only have one."""
+    chosen: list[Path] = []
+    for directory in adapter_dirs:
+        files = adapter_tokenizer_files(directory)
+        if not chosen:
+            chosen = files
+            continue
+        mine = {p.name: p.read_bytes() for p in chosen}
+        if files and any(mine.get(p.name) != p.read_bytes() for p in files):
+            log.warning("%s: its tokenizer differs from %s's, which the merged model gets", directory, chosen[0].parent)
+    return chosen
+
+
+def _same_values(first: AdapterTensor, second: AdapterTensor, transpose: bool, reader: TensorReader) -> bool:
+    """Whether two adapter tensors hold the same values (the second transposed): tied copies are checked, not
+    assumed. Only LoRA factors are compared transposed, and they are small; whole tensors (a saved embedding or
+    head: 2.5 GB for a 150k x 4096 float32 vocabulary) go a chunk at a time, never in memory whole."""
+    if transpose:
+        a, b = read_tensor(first, reader), read_tensor(second, reader).T
+        return a.shape == b.shape and a.dtype == b.dtype and bool((a == b).all())
+    if tuple(first.shape) != tuple(second.shape) or dtype_of(first) != dtype_of(second):
+        return False
+    pieces = (read_chunks(tensor, reader, COMPARE_CHUNK_BYTES) for tensor in (first, second))
+    return all(bool((a == b).all()) for a, b in zip(*pieces, strict=True))
