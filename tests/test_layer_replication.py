@@ -85,7 +85,7 @@ def test_the_decoder_layer_list_is_replicated_not_an_extra_head() -> None:
     is the decoder's. Copies read the base layer's bytes; other tensors keep their place."""
     from qlora_merge.inputs.format import TensorEntry
     from qlora_merge.inputs.index import CheckpointIndex
-    from qlora_merge.plan.matching import replicate_layers
+    from qlora_merge.plan.replication import replicate_layers
 
     names = [
         "model.language_model.embed_tokens.weight",

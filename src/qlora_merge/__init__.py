@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from .api import MergeResult, merge, verify
     from .axolotl import AxolotlMerge, merge_from_axolotl, read_axolotl_config
     from .inspection import AdapterReport, inspect_adapter
+    from .options import MergeOptions
     from .progress import ProgressEvent
+    from .publishing import NotVerified, Published, push_verified
     from .verification.tensors import VerifyReport
 
 # The module of each public name, imported on first use (PEP 562): `import qlora_merge` stays light, so that the
@@ -36,9 +38,13 @@ _LAZY = {
     "AdapterReport": "inspection",
     "inspect_adapter": "inspection",
     "MergeResult": "api",
+    "MergeOptions": "options",
     "merge": "api",
     "verify": "api",
     "ProgressEvent": "progress",
+    "NotVerified": "publishing",
+    "Published": "publishing",
+    "push_verified": "publishing",
     "VerifyReport": "verification.tensors",
 }
 
@@ -52,10 +58,13 @@ __all__ = [
     "InputNotFound",
     "KeyMatchError",
     "MergeError",
+    "MergeOptions",
     "MergeResult",
     "NonFiniteValues",
+    "NotVerified",
     "OutputError",
     "ProgressEvent",
+    "Published",
     "ShapeMismatch",
     "UnsupportedAdapter",
     "VerifyReport",
@@ -63,6 +72,7 @@ __all__ = [
     "inspect_adapter",
     "merge",
     "merge_from_axolotl",
+    "push_verified",
     "read_axolotl_config",
     "verify",
 ]

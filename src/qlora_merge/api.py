@@ -20,6 +20,7 @@ from .inputs.index import open_merged
 from .inputs.opened import check_unchanged, opened_files
 from .inputs.reader import TensorReader
 from .inputs.resolve import with_revision
+from .interrupts import deferred_signals
 from .merging.checks import ValueCheck
 from .merging.stream import run_plan
 from .options import COMBINATIONS, MergeOptions
@@ -36,7 +37,7 @@ from .outputs.staging import (
     publish,
     remove_stale,
 )
-from .plan.matching import CoverageRow
+from .plan.coverage import CoverageRow
 from .plan.tasks import Action, TensorTask
 from .preparation import Inputs, prepare
 from .progress import ProgressCallback, ProgressEvent, ignore_progress
@@ -135,8 +136,11 @@ def merge(
             return _result(inputs, output, options.dtype, shards, 0, timings, dry_run=True)
         replaceable = empty_directory(output)  # without --overwrite, the only thing the result may take the place of
         check_free_space(output, inputs.plan.output_bytes + sum(p.stat().st_size for p in inputs.companions))
-        staging, created = make_staging_dir(output)
+        staging: Path | None = None
         try:
+            # A signal while the staging directory is being made is acted on once it is made and ours to discard.
+            with deferred_signals():
+                staging, created = make_staging_dir(output)
             sink = SafetensorsSink(staging, options.max_shard_bytes)
             bytes_written, nonfinite = _write(inputs, sink, options.allow_nonfinite, progress, timings)
             started = time.perf_counter()
@@ -147,7 +151,8 @@ def merge(
             )
             publish(staging, output, overwrite=options.overwrite, replaceable=replaceable)
         except BaseException:
-            discard(staging, created)
+            if staging is not None:
+                discard(staging, created)
             raise
     timings["save"] = time.perf_counter() - started
     progress(ProgressEvent("save", "done", str(output), elapsed=timings["save"]))

@@ -13,6 +13,8 @@ import yaml
 from .api import MergeResult, merge
 from .dtypes import canonical_dtype
 from .errors import InputNotFound, MergeError
+from .options import MergeOptions
+from .progress import ProgressCallback, ignore_progress
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +24,27 @@ MERGED_SUBDIR = "merged"
 
 @dataclass(frozen=True)
 class AxolotlMerge:
-    """The merge an axolotl config describes, command-line overrides applied; the arguments `merge()` takes."""
+    """The merge an axolotl config describes, command-line overrides applied: what `merge()` takes (base, adapter,
+    output) and, through `settings` and `options`, how."""
 
     base: str
     adapter: str
     output: Path
     dtype: str
     hf_token: str | None = None
+
+    def settings(self, **given: Any) -> dict[str, Any]:
+        """The MergeOptions settings of this merge: `given` (a caller's, or the command line's flags, by name) with
+        the config's dtype and token where `given` has none. The one place the file and its overrides meet: a dtype
+        given wins (read_axolotl_config's `dtype` is already in `self.dtype`), a token given (not empty) wins over
+        `hf_use_auth_token`."""
+        return {**given, "dtype": given.get("dtype") or self.dtype, "hf_token": given.get("hf_token") or self.hf_token}
+
+    def options(self, options: MergeOptions | None = None, **settings: Any) -> MergeOptions:
+        """The MergeOptions of this merge: `options` (or the defaults) with `settings` applied, then the config's
+        dtype and token as `settings()` applies them (a token in `options` counts as given)."""
+        start = options if options is not None else MergeOptions()
+        return MergeOptions.from_settings(start, self.settings(**{"hf_token": start.hf_token, **settings}))
 
 
 def read_axolotl_config(
@@ -195,24 +211,22 @@ def _dtype(source: str, values: Mapping[str, Any]) -> str:
     return "f32"
 
 
-# read_axolotl_config's keywords: merge_from_axolotl passes these on to it, and the rest to merge().
+# read_axolotl_config's keywords: merge_from_axolotl passes these on to it, and the rest to the MergeOptions.
 OVERRIDES = ("base", "adapter", "output_dir", "output", "dtype")
 
 
 def merge_from_axolotl(
-    config: str | Path | Mapping[str, Any], *, hf_token: str | None = None, **options: Any
+    config: str | Path | Mapping[str, Any],
+    options: MergeOptions | None = None,
+    *,
+    progress: ProgressCallback = ignore_progress,
+    **settings: Any,
 ) -> MergeResult:
     """`axolotl merge-lora config.yml`, streaming: merge the adapter an axolotl config trained into its base and
     write `{output_dir}/merged/`. `config` is the YAML's path or its parsed mapping; the keywords `base`, `adapter`,
-    `output_dir`, `output` and `dtype` override it (see `read_axolotl_config`); the other `options` are `merge()`'s
-    (progress, max_shard_size, overwrite, checksum ...)."""
-    overrides = {key: options.pop(key) for key in OVERRIDES if key in options}
-    settings = read_axolotl_config(config, **overrides)
-    return merge(
-        settings.base,
-        settings.adapter,
-        settings.output,
-        dtype=settings.dtype,
-        hf_token=hf_token or settings.hf_token,
-        **options,
-    )
+    `output_dir`, `output` and `dtype` override it (see `read_axolotl_config`); `options` and the other `settings`
+    are `merge()`'s (max_shard_size, overwrite, checksum, hf_token ...), with the config's dtype and token applied
+    as `AxolotlMerge.options` applies them."""
+    overrides = {key: settings.pop(key) for key in OVERRIDES if key in settings}
+    found = read_axolotl_config(config, **overrides)
+    return merge(found.base, found.adapter, found.output, found.options(options, **settings), progress=progress)

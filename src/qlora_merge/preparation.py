@@ -25,8 +25,9 @@ from .options import MergeOptions
 from .outputs.companions import adapter_tokenizer_files, companion_files
 from .outputs.overlap import check_not_inside
 from .outputs.staging import check_output_free
+from .plan.coverage import CoverageRow, coverage
 from .plan.keymap import resolve_loader
-from .plan.matching import CoverageRow, build_plan, coverage
+from .plan.matching import build_plan
 from .plan.tasks import MergePlan
 from .progress import ProgressCallback, human_bytes, stage
 

@@ -58,7 +58,7 @@ def select_modules(config: LoraConfig, weights: AdapterWeights) -> AdapterWeight
 def why_not_selected(config: LoraConfig, pair: LoraPair) -> str | None:
     """None if PEFT adapts the module of `pair`, else why not (PEFT's `check_target_module_exists`, in its order)."""
     key = pair.module
-    owner = _strip_base_layers(key)
+    owner = strip_base_layers(key)
     if config.target_parameters and any(
         owner == target.rpartition(".")[0] or owner.endswith(f".{target.rpartition('.')[0]}")
         for target in config.target_parameters
@@ -194,7 +194,8 @@ def _regex(config: LoraConfig, field: str, pattern: str) -> _Bounded:
     return _Bounded(config, field, pattern)
 
 
-def _strip_base_layers(module: str) -> str:
+def strip_base_layers(module: str) -> str:
+    """PEFT nests one ParamWrapper per adapted parameter of a module: `experts.base_layer.base_layer` -> `experts`."""
     while module.endswith(".base_layer"):
         module = module.removesuffix(".base_layer")
     return module

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -96,21 +97,33 @@ class ReadAhead:
         self._ranges = ranges
         self._reader = TensorReader()
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(depth + 1):
+        self._buffers = depth + 1
+        for _ in range(self._buffers):
             self._free.put(torch.empty(0, dtype=torch.uint8))
         self._ready: queue.Queue[tuple[ByteRange, torch.Tensor] | BaseException | None] = queue.Queue()
-        self._held: torch.Tensor | None = None
+        self._held: list[torch.Tensor] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="qlora-merge-reader", daemon=True)
         self._thread.start()
 
     def take(self, byte_range: ByteRange) -> torch.Tensor:
         """The bytes of the next range, which must be `byte_range`; valid until the next take()."""
-        if self._held is not None:
+        (data,) = self.take_all((byte_range,))
+        return data
+
+    def take_all(self, byte_ranges: Sequence[ByteRange]) -> list[torch.Tensor]:
+        """The bytes of the next ranges, which must be `byte_ranges`, all valid together until the next take: what
+        a source that decodes one run of elements from several ranges (blocks and their scales) needs."""
+        for held in self._held:
             # A whole-tensor read (a shape merged unblocked) would otherwise pin its size in memory for good.
-            keep = self._held.numel() <= KEEP_BYTES
-            self._free.put(self._held if keep else torch.empty(0, dtype=torch.uint8))
-            self._held = None
+            self._free.put(held if held.numel() <= KEEP_BYTES else torch.empty(0, dtype=torch.uint8))
+        self._held = []
+        while self._buffers <= len(byte_ranges):  # held together, plus one for the reader to fill meanwhile
+            self._free.put(torch.empty(0, dtype=torch.uint8))
+            self._buffers += 1
+        return [self._next(byte_range) for byte_range in byte_ranges]
+
+    def _next(self, byte_range: ByteRange) -> torch.Tensor:
         item = self._ready.get()
         if isinstance(item, BaseException):
             raise item
@@ -120,7 +133,7 @@ class ReadAhead:
         expected, buffer = item
         if byte_range != expected:
             raise RuntimeError(f"read-ahead out of order: expected {expected}, asked for {byte_range}")
-        self._held = buffer
+        self._held.append(buffer)
         return buffer[: byte_range.nbytes]
 
     def close(self) -> None:

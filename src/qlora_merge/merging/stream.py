@@ -163,7 +163,7 @@ class _Streams:
 
     def elements(self, entry: TensorEntry, start: int, stop: int, source: Source) -> torch.Tensor:
         """Elements [start, stop) of `entry`, 1-D, through the read-ahead (in the order _input_ranges announced)."""
-        data = [self.ahead.take(byte_range) for byte_range in source.reads(entry, start, stop)]
+        data = self.ahead.take_all(source.reads(entry, start, stop))
         return source.decode(entry, start, stop, data)
 
     def write(self, raw: torch.Tensor) -> None:

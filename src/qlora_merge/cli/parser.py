@@ -1,0 +1,304 @@
+"""The command line's flags: one parser per command, usage errors on one line, and the flags -> MergeOptions
+settings (`merge_settings`), the one place a command's flags become options for the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .. import __version__
+from ..dtypes import CANONICAL_DTYPES, canonical_dtype
+from ..errors import MergeError
+from ..options import COMBINATIONS, MergeOptions
+
+if TYPE_CHECKING:
+    from ..axolotl import AxolotlMerge
+
+USAGE = """qlora-merge [--base BASE] --adapter ADAPTER[:WEIGHT] ... --output OUTPUT [options]
+       qlora-merge --config AXOLOTL.yml [options]
+       qlora-merge verify [--base BASE] --adapter ADAPTER --merged MERGED [options]
+       qlora-merge inspect ADAPTER [--base BASE] [options]
+       qlora-merge help [verify|inspect]"""
+SUBCOMMANDS = ("verify", "inspect")
+# The flags that are MergeOptions fields, under the field's name (--max-shard-size is max_shard_size ...).
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(MergeOptions))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every usage error on one line (no usage block), and the closest flag for a mistyped one."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: object = None) -> argparse.Namespace:  # type: ignore[override]
+        # A mistyped flag is named first: argparse would report the required flag it failed to give instead.
+        words = list(sys.argv[1:] if args is None else args)
+        known = [option for action in self._actions for option in action.option_strings]
+        for word in words[: words.index("--")] if "--" in words else words:
+            flag = word.split("=", 1)[0]
+            if flag.startswith("--") and not any(option.startswith(flag) for option in known):
+                self.error(f"unrecognized arguments: {word}")
+        return super().parse_args(words, namespace)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            message = self.unrecognized(message.removeprefix("unrecognized arguments: ").split())
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def unrecognized(self, unknown: list[str]) -> str:
+        """`unrecognized argument --ouput: did you mean --output?`: the first unknown flag and the nearest real one."""
+        flags = [word for word in unknown if word.startswith("-")]
+        if not flags:
+            return f"unrecognized argument {unknown[0]!r}"
+        flag = flags[0].split("=", 1)[0]
+        known = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return f"unrecognized argument {flag}" + (f": did you mean {close[0]}?" if close else "")
+
+
+def _dtype_flag(text: str) -> str:
+    try:
+        return canonical_dtype(text)
+    except MergeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a dtype: use {', '.join(CANONICAL_DTYPES)} (or fp16, float16, half, bfloat16, fp32, "
+            "float32)"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="qlora-merge",
+        usage=USAGE,
+        description="Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint. "
+        "The base is streamed tensor by tensor: memory stays small whatever the model size.",
+        epilog="other commands: `qlora-merge inspect ADAPTER [--base B]` describes an adapter and checks it fits a "
+        "base; `qlora-merge verify --base B --adapter A --merged M` proves a merge took (each has --help)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="an axolotl training config (YAML): base_model, lora_model_dir or output_dir, bf16/fp16/torch_dtype; "
+        "writes {output_dir}/merged/ as `axolotl merge-lora` does. Flags given here override the file",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        help="local path or HF repo id (org/name[@revision]) of the full-precision base model (default: the base "
+        "the adapter was trained on, base_model_name_or_path in its adapter_config.json)",
+    )
+    _add_adapter_flags(parser, required=False)
+    parser.add_argument(
+        "--output", default=None, help="output directory for the merged model (required unless --config)"
+    )
+    parser.add_argument(
+        "--output_dir",
+        "--output-dir",
+        dest="output_dir",
+        default=None,
+        help="with --config: overrides its output_dir (the adapter when lora_model_dir is unset; output in merged/)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        type=_dtype_flag,
+        help="output dtype: bf16, f16 or f32 (also fp16, float16, half, bfloat16, fp32, float32; default: bf16, or "
+        "from --config)",
+    )
+    parser.add_argument(
+        "--loader",
+        default="auto",
+        help="key layout of the base: auto (from config.json), qwen3.5 (text adapter into the multimodal "
+        "checkpoint), or an architecture name (default: auto)",
+    )
+    _add_hub_flags(parser)
+    parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 2GiB (default: 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument(
+        "--allow-unused",
+        action="store_true",
+        help="merge even if some adapter tensors match nothing in the base (they are listed and left out)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="plan only: print each adapter tensor and the base tensor it changes, shape, vocab and tying "
+        "changes and the bytes to write; write nothing",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="after the merge, read the output back and prove every tensor equals base + adapter "
+        "(as `qlora-merge verify` does); exit 3 if not",
+    )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write merged tensors even if they hold NaN or infinite values, or values beyond float16's range "
+        "with --dtype f16 (default: fail naming the tensor); each is reported in a warning",
+    )
+    parser.add_argument(
+        "--checksum",
+        action="store_true",
+        help="add the SHA-256 of every output shard to the model card (README.md, always written: base, adapter, "
+        "scaling, dtype, version and a hash of each input)",
+    )
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        default=None,
+        help="after the merge, upload the output to this Hugging Face model repo (org/name[@branch]); created if "
+        "missing (with --hf-token or HF_TOKEN)",
+    )
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        help="with --push-to-hub: create the repo private (an existing public repo is refused)",
+    )
+    _add_output_flags(parser, "print the result as JSON instead of the stage log")
+    parser.add_argument("--version", action="version", version=f"qlora-merge {__version__}")
+    return parser
+
+
+def check_merge_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The usage errors of a merge's flags that argparse cannot see: each exits 2 with one line."""
+    if args.private and args.push_to_hub is None:
+        parser.error("--private needs --push-to-hub REPO")
+    if args.push_to_hub is not None and args.dry_run:
+        parser.error("--push-to-hub uploads a finished merge; --dry-run writes none")
+    if args.config is not None:
+        if args.adapter is not None and (len(args.adapter) > 1 or adapter_refs(args.adapter)[0][1] != 1.0):
+            parser.error("--config merges the one adapter its config names at weight 1; --adapter may replace it")
+        return
+    missing = [f"--{name}" for name in ("adapter", "output") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --config)")
+    if args.output_dir is not None:
+        parser.error("--output_dir needs --config (it overrides the axolotl config's output_dir)")
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="qlora-merge verify",
+        description="Prove a merge took: derive every tensor of the merged checkpoint again from base and adapter "
+        "(streaming, flat memory) and compare them byte for byte; no LoRA key may remain.",
+    )
+    parser.add_argument(
+        "--base", default=None, help="local path or HF repo id of the base model (default: the one the adapter names)"
+    )
+    _add_adapter_flags(parser, required=True)
+    parser.add_argument("--merged", required=True, help="the merged model directory to check")
+    parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
+    _add_hub_flags(parser)
+    parser.add_argument("--allow-unused", action="store_true", help="as for the merge: adapter tensors may go unused")
+    parser.add_argument(
+        "--logits",
+        action="store_true",
+        help="also run a prompt through the merged model and through base + adapter (PEFT, unmerged) and compare "
+        "the logits: loads each model whole in float32; needs transformers and peft (pip install "
+        "'qlora-merge[verify]'); one adapter at weight 1",
+    )
+    parser.add_argument(
+        "--logits-tolerance",
+        type=float,
+        default=None,
+        help="largest logit difference allowed, relative to the largest logit (default: from the merged dtype, "
+        "16 unit roundoffs: 0.0625 for bf16)",
+    )
+    _add_output_flags(parser, "print the report as JSON")
+    return parser
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="qlora-merge inspect",
+        description="Describe a LoRA adapter from its config and file header (no weights are loaded): rank, alpha, "
+        "scaling, variants, targeted modules and layers, parameters, the base it was trained on. With --base, plan "
+        "the merge without writing anything and say whether every adapter tensor fits a base tensor.",
+    )
+    parser.add_argument("adapter", help="local path or HF repo id (org/name[@revision]) of the LoRA adapter")
+    parser.add_argument("--base", default=None, help="local path or HF repo id of a base model to check it against")
+    parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
+    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+    _add_output_flags(parser, "print the report as JSON")
+    return parser
+
+
+def _add_adapter_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    """The flags that say which adapters, and how they combine: the same for a merge and its verification."""
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        required=required,
+        metavar="ADAPTER[:WEIGHT]",
+        help="local path or HF repo id (org/name[@revision]) of a trained LoRA adapter"
+        + ("" if required else " (required unless --config)")
+        + "; repeat it to merge several in one pass, each with an optional weight (--adapter a --adapter b:0.5)",
+    )
+    parser.add_argument(
+        "--combine",
+        default="cat",
+        choices=list(COMBINATIONS),
+        help="how several adapters combine, as PEFT's add_weighted_adapter: cat, the exact weighted sum of their "
+        "deltas (default), or linear, PEFT's averaged factors (equal ranks only)",
+    )
+    parser.add_argument(
+        "--subtract",
+        action="store_true",
+        help="take the adapters' deltas out instead: --base is a model they were merged into (plain LoRA only; "
+        "recovers the original up to rounding)",
+    )
+    parser.add_argument(
+        "--adapter-name",
+        default=None,
+        help="which of several adapters saved in one directory (PEFT keeps non-default ones in sub-folders)",
+    )
+
+
+def _add_hub_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub --base (same as org/name@rev)")
+    parser.add_argument("--adapter-revision", default=None, help="branch, tag or commit of hub --adapter repos")
+    parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+
+
+def _add_output_flags(parser: argparse.ArgumentParser, json_help: str) -> None:
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+
+
+def adapter_refs(values: Sequence[str]) -> list[tuple[str, float]]:
+    """--adapter values as (reference, weight): `org/name@rev:0.5` or `./dir:-1` carry a weight, unless the whole
+    text names an existing path (a directory may have a colon in its name)."""
+    refs = []
+    for text in values:
+        ref, colon, weight = text.rpartition(":")
+        if colon and ref and not Path(text).exists():
+            try:
+                refs.append((ref, float(weight)))
+                continue
+            except ValueError:
+                pass  # a colon that is part of the reference (a Windows drive, a URL-like name)
+        refs.append((text, 1.0))
+    return refs
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that override an axolotl --config's own keys: read_axolotl_config's keywords."""
+    return {
+        "base": args.base,
+        "adapter": args.adapter[0] if args.adapter else None,
+        "output_dir": args.output_dir,
+        "output": args.output,
+        "dtype": args.dtype,
+    }
+
+
+def merge_settings(args: argparse.Namespace, config: AxolotlMerge | None = None) -> dict[str, Any]:
+    """The MergeOptions settings the flags give: every flag that is an option of this command (verify's are fewer),
+    those left unset out; with --config, its dtype and token by axolotl's rules (`AxolotlMerge.settings`).
+    `MergeOptions(**settings)` checks them: the merge does that after the header, so a bad --max-shard-size is
+    reported as the merge's own error."""
+    given = {name: value for name in OPTION_NAMES if (value := getattr(args, name, None)) is not None}
+    return config.settings(**given) if config is not None else given
