@@ -100,7 +100,7 @@ def inspect_adapter(
     )
     if base is None:
         return report
-    from .api import plan_merge  # the pipeline imports much more; inspecting without a base needs none of it
+    from .api import plan_merge  # the merge imports much more; inspecting without a base needs none of it
 
     try:
         inputs = plan_merge(base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True, headers_only=True)

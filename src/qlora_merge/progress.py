@@ -1,4 +1,4 @@
-"""Progress events the pipeline emits; the CLI renders them, scripts may log them."""
+"""Progress events a merge emits; the CLI renders them, scripts may log them."""
 
 from __future__ import annotations
 

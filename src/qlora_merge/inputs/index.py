@@ -42,7 +42,7 @@ def open_checkpoint(root: Path) -> CheckpointIndex:
     """Read the headers of every weight file under `root` (not the data) and validate them.
 
     A base saved only as PyTorch pickles (pytorch_model.bin, or shards and pytorch_model.bin.index.json) is read
-    safely and converted shard by shard to temporary safetensors files first (see checkpoint/pickled.py).
+    safely and converted shard by shard to temporary safetensors files first (see inputs/pickled.py).
     """
     if not root.is_dir():
         raise InputNotFound(f"{root}: base model directory not found")

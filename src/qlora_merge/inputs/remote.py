@@ -136,7 +136,7 @@ def _weight_files(
 def _config(
     ref: str, repo_id: str, commit: str, files: frozenset[str], token: str | None
 ) -> tuple[dict[str, Any], Path | None]:
-    """config.json, downloaded into the hub cache and checked as the pipeline checks a local base's."""
+    """config.json, downloaded into the hub cache and checked as a merge checks a local base's."""
     if CONFIG_NAME not in files:
         return read_base_config(Path(f"{repo_id}@{commit}")), None  # warns, as for a local base without one
     path = _download(ref, repo_id, commit, CONFIG_NAME, token)

@@ -1,7 +1,7 @@
 """The model-level half of `verify`: run the merged model and base + unmerged adapter on one short prompt and
 compare their logits.
 
-The tensor check (verify.py) proves the merged files are what our engine derives from base and adapter, byte for
+The tensor check (tensors.py) proves the merged files are what our engine derives from base and adapter, byte for
 byte; it cannot catch a mistake the engine and the checker share (a wrong scaling, a transposed update). This check
 asks transformers and PEFT instead: the reference is PEFT's own forward pass with the adapter applied on the fly,
 so the merge is judged by the library that trained the adapter.
