@@ -325,3 +325,13 @@ def test_a_named_base_that_is_missing_or_differs_is_refused(llama: dict[str, Pat
     code, _, err = run("--adapter", llama["a"], "--adapter", other, "--output", tmp_path / "m")
     assert code == 2 and "name different bases" in err and "pass --base" in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_an_error_line_is_capped_unless_debug(llama: dict[str, Path], tmp_path: Path) -> None:
+    """Whatever an input puts into a message (here a 5,000-character base path), the error stays one readable line."""
+    missing = tmp_path / ("x" * 200) / ("y" * 200) / ("z" * 200) / ("w" * 200) / ("v" * 200) / "base"
+    code, _, err = run("--base", missing, "--adapter", llama["a"], "--output", tmp_path / "out")
+    (line,) = err.splitlines()
+    assert code == 2 and len(line) < 1200 and line.endswith("more characters; --debug shows them)"), line
+    code, _, err = run("--base", missing, "--adapter", llama["a"], "--output", tmp_path / "out", "--debug")
+    assert code == 2 and any(str(missing) in line for line in err.splitlines())

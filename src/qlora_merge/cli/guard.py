@@ -17,6 +17,16 @@ T = TypeVar("T")
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 EXIT_NOT_VERIFIED = 3  # the inputs were fine; the merged checkpoint is not base + adapter
+# An error line stays readable whatever the input put into it (a huge key, a hostile config); --debug shows it all.
+MAX_ERROR_CHARS = 1000
+
+
+def one_line(text: str, debug: bool) -> str:
+    """`text` on one line, cut to MAX_ERROR_CHARS unless --debug."""
+    text = " ".join(text.splitlines())
+    if debug or len(text) <= MAX_ERROR_CHARS:
+        return text
+    return f"{text[:MAX_ERROR_CHARS]} … ({len(text) - MAX_ERROR_CHARS} more characters; --debug shows them)"
 
 
 def guarded(call: Callable[[], T], debug: bool, err: TextIO, completed: Path | None = None) -> tuple[int, T | None]:
@@ -26,7 +36,7 @@ def guarded(call: Callable[[], T], debug: bool, err: TextIO, completed: Path | N
     try:
         return 0, call()
     except MergeError as exc:
-        print(f"qlora-merge: error: {exc}", file=err)
+        print(f"qlora-merge: error: {one_line(str(exc), debug)}", file=err)
         return EXIT_BAD_INPUT, None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under run_console: the call has cleaned up after itself
         from ..interrupts import Interrupted, exit_code, interrupted_line
@@ -38,7 +48,10 @@ def guarded(call: Callable[[], T], debug: bool, err: TextIO, completed: Path | N
     except Exception as exc:
         if debug:
             traceback.print_exc(file=err)
-        print(f"qlora-merge: internal error: {type(exc).__name__}: {exc} (re-run with --debug)", file=err)
+        print(
+            f"qlora-merge: internal error: {type(exc).__name__}: {one_line(str(exc), debug)} (re-run with --debug)",
+            file=err,
+        )
         return EXIT_INTERNAL, None
 
 
