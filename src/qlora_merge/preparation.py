@@ -12,7 +12,9 @@ from .adapter.combine import WeightedAdapter, adapter_to_merge, scaled_config
 from .adapter.config import LoraConfig
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
 from .describe import adapter_detail, combined_detail, lora_summary
+from .errors import CheckpointFormatError
 from .inputs.base_choice import check_not_swapped
+from .inputs.bnb import is_bnb, logical_index, quantization_summary
 from .inputs.config import read_base_config
 from .inputs.index import open_checkpoint
 from .inputs.reader import TensorReader
@@ -88,8 +90,15 @@ def prepare(
         resolved_loader = resolve_loader(options.loader, base_config)
         step.detail = resolved_loader.architecture
     with stage("base", progress, timings) as step:
-        index = remote.index if remote is not None else open_checkpoint(base_dir)
+        if remote is not None and is_bnb(base_config):
+            raise CheckpointFormatError(
+                f"{base}: a bitsandbytes-quantized base is planned from its quantization states, which header-only "
+                "inspection does not read (give a local directory, or merge with --dry-run, which downloads it)"
+            )
+        index = remote.index if remote is not None else logical_index(open_checkpoint(base_dir), base_config)
         step.detail = f"{len(index.tensors)} tensors in {len(index.files)} file(s), {human_bytes(index.total_bytes)}"
+        if index.quantization is not None:
+            step.detail += f", {quantization_summary(base_config)}, dequantized"
         if remote is not None:
             step.detail += f", headers only: {human_bytes(remote.header_bytes)} read from the hub"
     with stage("tokenizer", progress, timings) as step:

@@ -22,11 +22,14 @@ MAX_ERROR_CHARS = 1000
 
 
 def one_line(text: str, debug: bool) -> str:
-    """`text` on one line, cut to MAX_ERROR_CHARS unless --debug."""
+    """`text` on one line, at most about MAX_ERROR_CHARS unless --debug: the middle goes (usually a long path or
+    key), the start (the file) and the end (the problem and the fix) stay."""
     text = " ".join(text.splitlines())
     if debug or len(text) <= MAX_ERROR_CHARS:
         return text
-    return f"{text[:MAX_ERROR_CHARS]} … ({len(text) - MAX_ERROR_CHARS} more characters; --debug shows them)"
+    head, tail = MAX_ERROR_CHARS * 2 // 5, MAX_ERROR_CHARS * 3 // 5
+    cut = len(text) - head - tail
+    return f"{text[:head]} …({cut} characters cut; --debug shows them)… {text[-tail:]}"
 
 
 def guarded(call: Callable[[], T], debug: bool, err: TextIO, completed: Path | None = None) -> tuple[int, T | None]:

@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base",
         default=None,
-        help="local path or HF repo id (org/name[@revision]) of the full-precision base model (default: the base "
-        "the adapter was trained on, base_model_name_or_path in its adapter_config.json)",
+        help="local path or HF repo id (org/name[@revision]) of the base model, full precision or bitsandbytes "
+        "4-bit/8-bit (default: the base the adapter was trained on, base_model_name_or_path in its "
+        "adapter_config.json)",
     )
     _add_adapter_flags(parser, required=False)
     parser.add_argument(

@@ -28,6 +28,8 @@ class CheckpointIndex:
     root: Path
     files: tuple[SafetensorsFile, ...]
     tensors: dict[str, TensorEntry]
+    # how the weights are quantized (inputs/bnb.py's logical index: "bitsandbytes"), None for plain tensors
+    quantization: str | None = None
 
     @property
     def total_bytes(self) -> int:

@@ -77,6 +77,11 @@ class SafetensorsSource:
 
 
 def source_for(index: object) -> Source:
-    """The source that reads a checkpoint's tensors. Every base read today is safetensors, or a pickled base
-    converted to safetensors files first (inputs/pickled.py)."""
+    """The source that reads a checkpoint's tensors: a bitsandbytes checkpoint's logical index (inputs/bnb.py) is
+    dequantized by BnbSource; every other base is safetensors, or a pickled base converted to safetensors files
+    first (inputs/pickled.py)."""
+    if getattr(index, "quantization", None) == "bitsandbytes":
+        from .bnb import BnbSource
+
+        return BnbSource()
     return SafetensorsSource()

@@ -73,6 +73,7 @@ class Provenance:
     checksums: Mapping[str, str] = field(default_factory=dict)  # output shard -> SHA-256 (only with --checksum)
     combination: str = ""  # how several adapters were combined ("cat", "linear")
     subtract: bool = False  # the adapters' deltas were taken out of `base` rather than added
+    base_quantization: str = ""  # how the base was quantized (its weights were dequantized to be merged)
 
 
 def snapshot_commit(directory: Path) -> str:
@@ -152,6 +153,7 @@ def model_card(info: Provenance) -> str:
         "| | |",
         "|---|---|",
         f"| base model | {base} |",
+        *([f"| base quantization | {info.base_quantization} (dequantized) |"] if info.base_quantization else []),
         *rows,
         *([f"| combination | {info.combination} ({COMBINATION_TEXT.get(info.combination, '')}) |"] if several else []),
         *(["| operation | subtracted (the adapters' deltas taken out of the base) |"] if info.subtract else []),

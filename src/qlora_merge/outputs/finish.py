@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..dtypes import OUTPUT_DTYPES, TORCH_DTYPE_NAMES
+from ..inputs.bnb import quantization_summary
 from ..inputs.opened import check_unchanged, opened_files
 from .card import AdapterSource, Provenance, input_files, shard_checksums, snapshot_commit, write_card
 from .companions import copy_companions, write_config
@@ -57,6 +58,7 @@ def finish_output(
         checksums=checksums,
         combination=inputs.combination or "",
         subtract=inputs.subtract,
+        base_quantization=quantization_summary(inputs.base_config),
     )
     write_card(staging, provenance)
     # Last, once every read is done: a weight file written to in place while it was read may have given bytes
