@@ -12,6 +12,10 @@ from .errors import MergeError
 from .merging.combination import Combination
 
 COMBINATIONS = tuple(c.value for c in Combination)
+# --base-quant: merge into dequant(Q(W)), the base a QLoRA adapter was trained against ("none": into W itself)
+BASE_QUANTS = ("nf4", "fp4", "none")
+# --requantize: write the merged model back as a bitsandbytes 4-bit checkpoint
+REQUANTIZE_TYPES = ("nf4", "fp4")
 DEFAULT_SHARD_SIZE = "5GB"
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", re.IGNORECASE)
@@ -56,12 +60,21 @@ class MergeOptions:
     allow_nonfinite: bool = False  # NaN/inf/overflow in a merged tensor is logged and kept, not refused
     checksum: bool = False  # the model card lists each shard's SHA-256
     dry_run: bool = False  # plan and report; write nothing
+    # Round-trip the base's LoRA-updated weights through bitsandbytes 4-bit (blocks of 64, double quantization)
+    # before merging, as QLoRA training saw them and `axolotl merge-lora` does for 4-bit configs; None and "none"
+    # merge into the weights as stored.
+    base_quant: str | None = None
+    requantize: str | None = None  # write the merge as a bitsandbytes 4-bit checkpoint of this type
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         object.__setattr__(self, "combine", str(getattr(self.combine, "value", self.combine)))
         if self.combine not in COMBINATIONS:
             raise MergeError(f"--combine {self.combine!r}: expected one of {', '.join(COMBINATIONS)}")
+        if self.base_quant is not None and self.base_quant not in BASE_QUANTS:
+            raise MergeError(f"--base-quant {self.base_quant!r}: expected one of {', '.join(BASE_QUANTS)}")
+        if self.requantize is not None and self.requantize not in REQUANTIZE_TYPES:
+            raise MergeError(f"--requantize {self.requantize!r}: expected one of {', '.join(REQUANTIZE_TYPES)}")
         try:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         except ValueError as exc:
@@ -71,6 +84,11 @@ class MergeOptions:
     def max_shard_bytes(self) -> int:
         assert isinstance(self.max_shard_size, int)
         return self.max_shard_size
+
+    @property
+    def base_quant_type(self) -> str | None:
+        """The 4-bit type the base is round-tripped through, or None for the base as stored."""
+        return None if self.base_quant in (None, "none") else self.base_quant
 
     def replace(self, **changes: Any) -> MergeOptions:
         return dataclasses.replace(self, **changes)

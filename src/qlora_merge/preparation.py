@@ -14,9 +14,10 @@ from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunk
 from .describe import adapter_detail, combined_detail, lora_summary
 from .errors import CheckpointFormatError
 from .inputs.base_choice import check_not_swapped
-from .inputs.bnb import is_bnb, logical_index, quantization_summary
 from .inputs.config import read_base_config
 from .inputs.index import open_checkpoint
+from .inputs.quantized import is_quantized, logical_index
+from .inputs.quantized import summary as quantization_summary
 from .inputs.reader import TensorReader
 from .inputs.remote import RemoteBase, is_repo_ref, remote_base
 from .inputs.resolve import resolve_adapter, resolve_base
@@ -90,9 +91,9 @@ def prepare(
         resolved_loader = resolve_loader(options.loader, base_config)
         step.detail = resolved_loader.architecture
     with stage("base", progress, timings) as step:
-        if remote is not None and is_bnb(base_config):
+        if remote is not None and is_quantized(base_config):
             raise CheckpointFormatError(
-                f"{base}: a bitsandbytes-quantized base is planned from its quantization states, which header-only "
+                f"{base}: a quantized base is planned from its quantization states, which header-only "
                 "inspection does not read (give a local directory, or merge with --dry-run, which downloads it)"
             )
         index = remote.index if remote is not None else logical_index(open_checkpoint(base_dir), base_config)

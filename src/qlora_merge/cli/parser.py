@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .. import __version__
 from ..dtypes import CANONICAL_DTYPES, canonical_dtype
 from ..errors import MergeError
-from ..options import COMBINATIONS, MergeOptions
+from ..options import BASE_QUANTS, COMBINATIONS, REQUANTIZE_TYPES, MergeOptions
 
 if TYPE_CHECKING:
     from ..axolotl import AxolotlMerge
@@ -113,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="key layout of the base: auto (from config.json), qwen3.5 (text adapter into the multimodal "
         "checkpoint), or an architecture name (default: auto)",
+    )
+    parser.add_argument(
+        "--base-quant",
+        default=None,
+        choices=BASE_QUANTS,
+        help="merge into the base as QLoRA training saw it: each LoRA-updated weight round-tripped through "
+        "bitsandbytes 4-bit nf4 or fp4 (blocks of 64, double quantization), as `axolotl merge-lora` does; "
+        "none: into the weights as stored (default: none, or nf4 with a --config that trains 4-bit)",
+    )
+    parser.add_argument(
+        "--requantize",
+        default=None,
+        choices=REQUANTIZE_TYPES,
+        help="write the merged model as a bitsandbytes 4-bit checkpoint (nf4 or fp4, double quantization) that "
+        "transformers loads with its quantization_config",
     )
     _add_hub_flags(parser)
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 2GiB (default: 5GB)")

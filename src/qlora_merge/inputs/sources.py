@@ -77,11 +77,16 @@ class SafetensorsSource:
 
 
 def source_for(index: object) -> Source:
-    """The source that reads a checkpoint's tensors: a bitsandbytes checkpoint's logical index (inputs/bnb.py) is
-    dequantized by BnbSource; every other base is safetensors, or a pickled base converted to safetensors files
-    first (inputs/pickled.py)."""
-    if getattr(index, "quantization", None) == "bitsandbytes":
+    """The source that reads a checkpoint's tensors, from its logical index's `quantization` (inputs/quantized.py):
+    bitsandbytes weights are dequantized by BnbSource, FP8 by Fp8Source; every other base is safetensors, or a
+    pickled base converted to safetensors files first (inputs/pickled.py)."""
+    quantization = getattr(index, "quantization", None)
+    if quantization == "bitsandbytes":
         from .bnb import BnbSource
 
         return BnbSource()
+    if quantization == "fp8":
+        from .fp8 import Fp8Source
+
+        return Fp8Source()
     return SafetensorsSource()

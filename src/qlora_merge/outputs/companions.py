@@ -102,15 +102,14 @@ def write_config(
     base_config: dict[str, Any], dtype_name: str, destination: Path, changes: dict[str, Any] | None = None
 ) -> None:
     """config.json with every dtype field (top level and nested sub-configs) set to the output dtype, and the
-    plan's changes (`vocab_size` after a resize, `tie_word_embeddings` when untied) applied. A bitsandbytes base's
+    plan's changes (`vocab_size` after a resize, `tie_word_embeddings` when untied) applied. A quantized base's
     `quantization_config` is left out: every weight of the merge is dequantized."""
     config = _with_changes(_with_dtype(_dequantized(base_config), dtype_name), changes or {})
     (destination / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _dequantized(config: dict[str, Any]) -> dict[str, Any]:
-    quantization = config.get("quantization_config")
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes":
+    if isinstance(config.get("quantization_config"), dict):
         return {key: value for key, value in config.items() if key != "quantization_config"}
     return config
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..dtypes import OUTPUT_DTYPES, TORCH_DTYPE_NAMES
-from ..inputs.bnb import quantization_summary
 from ..inputs.opened import check_unchanged, opened_files
+from ..inputs.quantized import summary as quantization_summary
 from .card import AdapterSource, Provenance, input_files, shard_checksums, snapshot_commit, write_card
 from .companions import copy_companions, write_config
 
