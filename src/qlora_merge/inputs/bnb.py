@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointFormatError
+from ..fourbit import CODES, QUANT_TYPES
 from .format import DTYPES, FLOAT_DTYPES, TensorEntry
 from .index import CheckpointIndex
 from .reader import ByteRange, TensorReader
@@ -32,47 +33,6 @@ from .sources import SafetensorsSource
 
 BITSANDBYTES = "bitsandbytes"
 QUANT_STATE = ".quant_state.bitsandbytes__"
-QUANT_TYPES = ("nf4", "fp4")
-# bitsandbytes' 4-bit code values (bitsandbytes.backends.utils._get_4bit_code, also its C kernels' tables): it
-# dequantizes with these, whatever the checkpoint's quant_map holds, which must be them.
-CODES = {
-    "nf4": (
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ),
-    "fp4": (
-        0.0,
-        0.0052083334885537624,
-        0.6666666865348816,
-        1.0,
-        0.3333333432674408,
-        0.5,
-        0.1666666716337204,
-        0.25,
-        0.0,
-        -0.0052083334885537624,
-        -0.6666666865348816,
-        -1.0,
-        -0.3333333432674408,
-        -0.5,
-        -0.1666666716337204,
-        -0.25,
-    ),
-}
 # torch dtype names in a quant state -> safetensors names
 STATE_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # 1 / 127 as bitsandbytes writes it (int8_vectorwise_dequant)
