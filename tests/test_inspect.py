@@ -130,3 +130,59 @@ def test_moe_expert_parameters(tmp_path: Path) -> None:
     assert report.base_matches is True
     assert list(report.module_scaling.values()) == [8 / 2], "only layer 1's down_proj experts: r=2 from the pattern"
     assert "layers.1.mlp.experts" in next(iter(report.module_scaling))
+
+
+def test_quant_error_is_the_round_trip_error_over_the_delta(tmp_path: Path) -> None:
+    """--quant-error: per weight ||W - dequant(Q(W))|| / ||scaling * B @ A||, the round trip by bitsandbytes itself
+    and the delta from the adapter file; per layer and overall, the norms pooled."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from safetensors.torch import load_file
+
+    base, adapter = llama_checkpoint(tmp_path, layers=2, rank=4, hidden=64, intermediate=96)
+    report = inspect_adapter(adapter, base, quant_error="nf4")
+    assert report.quant_error is not None
+    base_tensors = {}
+    for shard in base.glob("*.safetensors"):
+        base_tensors.update(load_file(shard))
+    factors = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    compute = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+    measured = {w.name: w for w in report.quant_error.weights}
+    assert len(measured) == 2 * 7
+    for name, found in measured.items():
+        weight = base_tensors[name]
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        code = bnb.functional.get_4bit_type("nf4", device="cpu")
+        rounded = compute(packed.reshape(-1), absmax, code, 64, weight.shape, weight.dtype)
+        module = name.removesuffix(".weight").removeprefix("model.")
+        a = next(t for k, t in factors.items() if k.endswith(f"{module}.lora_A.weight")).float()
+        b = next(t for k, t in factors.items() if k.endswith(f"{module}.lora_B.weight")).float()
+        error = (weight.float() - rounded.float()).norm().item()
+        delta = (scaling * (b @ a)).norm().item()
+        assert found.error_norm == pytest.approx(error, rel=1e-6)
+        assert found.delta_norm == pytest.approx(delta, rel=1e-5)
+    layer0 = [w for w in measured.values() if w.layer == 0]
+    pooled = sum(w.error_norm**2 for w in layer0) ** 0.5 / sum(w.delta_norm**2 for w in layer0) ** 0.5
+    assert report.quant_error.by_layer()[0] == pytest.approx(pooled)
+    code, out, _ = run(str(adapter), "--base", str(base), "--quant-error", "--json")
+    data = json.loads(out)["quant_error"]
+    assert (
+        code == 0 and set(data["layers"]) == {"0", "1"} and data["overall"] == pytest.approx(report.quant_error.overall)
+    )
+    code, out, _ = run(str(adapter), "--base", str(base), "--quant-error", "fp4")
+    assert code == 0 and "fp4 error: ||W - fp4(W)|| / ||delta W|| = " in out
+
+
+def test_quant_error_needs_a_full_precision_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base, adapter = llama_checkpoint(tmp_path, layers=1)
+    with pytest.raises(SystemExit) as exited:
+        run(str(adapter), "--quant-error")
+    assert exited.value.code == 2 and "--quant-error needs --base" in capsys.readouterr().err
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(config))
+    code, _, err = run(str(adapter), "--base", str(base), "--quant-error")
+    assert code == 2 and err.count("\n") == 1 and "this base is already quantized" in err, err

@@ -7,15 +7,20 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .adapter import read_adapter
 from .adapter.selection import module_of
-from .errors import KeyMatchError, ShapeMismatch
+from .errors import KeyMatchError, MergeError, ShapeMismatch
+from .fourbit import QUANT_TYPES
+from .inputs.quantized import is_quantized
 from .inputs.resolve import resolve_adapter
 from .merging.variants import lora_scaling, module_rank_alpha
 from .names import ADAPTER_CONFIG_NAME
 from .plan.tasks import ExpertUpdate, LoraUpdate
+
+if TYPE_CHECKING:
+    from .quant_error import QuantErrorReport
 
 # The first number in a module name is its layer: model.layers.12.self_attn.q_proj, transformer.h.3.attn.c_attn.
 LAYER_NUMBER = re.compile(r"\.(\d+)\.")
@@ -52,15 +57,23 @@ class AdapterReport:
     base: str | None = None  # as given: a directory or a repo id
     base_matches: bool | None = None
     mismatches: tuple[str, ...] = field(default_factory=tuple)
+    # with --quant-error: what rounding the base through 4-bit costs next to each adapted weight's delta
+    quant_error: QuantErrorReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["adapter"] = str(self.adapter)
+        data["quant_error"] = self.quant_error.to_dict() if self.quant_error is not None else None
         return data
 
 
 def inspect_adapter(
-    adapter: str | Path, base: str | Path | None = None, *, loader: str = "auto", hf_token: str | None = None
+    adapter: str | Path,
+    base: str | Path | None = None,
+    *,
+    loader: str = "auto",
+    hf_token: str | None = None,
+    quant_error: str | None = None,
 ) -> AdapterReport:
     """Rank, alpha, scaling, variants, targeted modules and layers and parameter count of a LoRA adapter, read
     from adapter_config.json and the weights file's header only.
@@ -68,6 +81,10 @@ def inspect_adapter(
     With `base` (a local directory or a repo id), the merge is planned exactly as `merge(..., dry_run=True)` plans
     it, writing nothing, and the report says whether every adapter tensor finds a base tensor of the right shape.
     A mismatch is reported, not raised; inputs that cannot be read raise MergeError as for a merge.
+
+    With `quant_error` ("nf4" or "fp4", and a full-precision `base`), every adapted weight is read and the report
+    adds ‖W − dequant(Q(W))‖ / ‖ΔW‖ per weight and per layer (quant_error.py): the base's weights are downloaded
+    for that, not just their headers.
     """
     adapter_dir = resolve_adapter(str(adapter), hf_token)
     config, weights = read_adapter(adapter_dir)
@@ -102,10 +119,23 @@ def inspect_adapter(
         return report
     from .api import plan_merge  # the merge imports much more; inspecting without a base needs none of it
 
+    if quant_error is not None and quant_error not in QUANT_TYPES:
+        raise MergeError(f"--quant-error {quant_error!r}: expected one of {', '.join(QUANT_TYPES)}")
     try:
-        inputs = plan_merge(base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True, headers_only=True)
+        inputs = plan_merge(
+            base, adapter_dir, loader=loader, hf_token=hf_token, allow_unused=True, headers_only=quant_error is None
+        )
     except (KeyMatchError, ShapeMismatch) as exc:
         return _with_base(report, base, [str(exc)])
+    if quant_error is not None:
+        if is_quantized(inputs.base_config):
+            raise MergeError(
+                f"{inputs.base_dir / 'config.json'}: --quant-error measures rounding a full-precision base; this "
+                "base is already quantized (give the full-precision model it was made from)"
+            )
+        from .quant_error import quantization_error
+
+        report = replace(report, quant_error=quantization_error(inputs, quant_type=quant_error))
     reasons = inputs.plan.unused_reasons
     mismatches = [
         f"'{key}' is {reasons[key]}" if key in reasons else f"'{key}' matches no tensor of the base"

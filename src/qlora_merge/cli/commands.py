@@ -229,9 +229,15 @@ def _compare_logits(
 def inspect_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     """`qlora-merge inspect`: describe an adapter; with --base, exit 2 unless it fits that base."""
     args = inspect_parser().parse_args(argv)
+    if args.quant_error is not None and args.base is None:
+        inspect_parser().error("--quant-error needs --base (the full-precision base to measure)")
     configure_logging(args.debug, err)
     code, report = guarded(
-        lambda: inspect_adapter(args.adapter, args.base, loader=args.loader, hf_token=args.hf_token), args.debug, err
+        lambda: inspect_adapter(
+            args.adapter, args.base, loader=args.loader, hf_token=args.hf_token, quant_error=args.quant_error
+        ),
+        args.debug,
+        err,
     )
     if report is None:
         return code

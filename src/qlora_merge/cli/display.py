@@ -7,13 +7,16 @@ import json
 import os
 import resource
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..api import MergeResult
 from ..inspection import AdapterReport
 from ..progress import ProgressEvent, human_bytes
 from ..publishing import failure_summary
 from ..verification.tensors import VerifyReport
+
+if TYPE_CHECKING:
+    from ..quant_error import QuantErrorReport
 
 STAGE_TEXT = {
     "base": ("Loading base model (streaming: headers only, no model class)", "Base model indexed"),
@@ -203,4 +206,22 @@ def describe(report: AdapterReport) -> list[str]:
         verdict = "matches: every adapter tensor fits a base tensor" if report.base_matches else "does NOT match"
         lines.append(f"base       : {report.base}: {verdict}")
         lines += [f"  - {mismatch}" for mismatch in report.mismatches]
+    if report.quant_error is not None:
+        lines += _quant_error_lines(report.quant_error)
     return lines
+
+
+def _quant_error_lines(report: QuantErrorReport) -> list[str]:
+    """The 4-bit round trip's error over the adapter's delta: overall, and the layers where it is least and most."""
+    if not report.weights:
+        return [f"{report.quant_type} error: no plain LoRA weight to measure"]
+    layers = sorted(report.by_layer().items(), key=lambda item: item[1])
+    name = {None: "outside layers"}
+    low, high = layers[0], layers[-1]
+    return [
+        f"{report.quant_type} error: ||W - {report.quant_type}(W)|| / ||delta W|| = {report.overall:.3g} over "
+        f"{len(report.weights)} weights; per layer {low[1]:.3g} (layer {name.get(low[0], low[0])}) to "
+        f"{high[1]:.3g} (layer {name.get(high[0], high[0])})",
+        "             near or above 1, the round trip moves the weights as much as the adapter does: the base "
+        "a merge uses matters (--base-quant)",
+    ]

@@ -238,6 +238,16 @@ def inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", default=None, help="local path or HF repo id of a base model to check it against")
     parser.add_argument("--loader", default="auto", help="key layout of the base, as for the merge (default: auto)")
     parser.add_argument("--hf-token", default=None, help="HF access token (default: HF_TOKEN or the stored login)")
+    parser.add_argument(
+        "--quant-error",
+        nargs="?",
+        const="nf4",
+        default=None,
+        choices=("nf4", "fp4"),
+        help="with a full-precision --base: read every adapted weight and report ||W - dequant(Q(W))|| / "
+        "||delta W||, per layer, for a 4-bit round trip (default nf4): how far merging into W is from the model "
+        "QLoRA trained",
+    )
     _add_output_flags(parser, "print the report as JSON")
     return parser
 
