@@ -3,7 +3,8 @@
 For each architecture: a random full-precision base W (bf16), the same model loaded 4-bit by transformers +
 bitsandbytes (nf4, double quantization, float32 compute: the model QLoRA trains), and a LoRA adapter on every
 linear layer whose delta is about 1% of each weight (a fine-tune's usual size). The reference is the training-time
-model: PEFT's unmerged model over the 4-bit base (its weights as bitsandbytes dequantizes them), float32 logits. Each merge is compared with it:
+model: PEFT's unmerged model over the 4-bit base (its weights as bitsandbytes dequantizes them), float32 logits.
+Each merge is compared with it:
 
 - into W16: `qlora-merge --base W` (what unsloth does);
 - into dequant(NF4(W)): `qlora-merge --base W --base-quant nf4` (what `axolotl merge-lora` does for 4-bit configs);
