@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= /tmp/qlora-merge-demo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-test demo test lint bench
+.PHONY: install install-test install-gguf demo test lint bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,15 @@ lint: install-test
 	$(BIN)/ruff check src tests scripts bench
 	$(BIN)/ruff format --check src tests scripts bench
 
-test: lint
+# GGUF export's tools, for tests/test_gguf.py: llama-cpp-python built once into a wheel cached under
+# ~/.cache/qlora-merge (about 7 minutes on 2 cores the first time, seconds after), llama.cpp's converter unpacked
+# from the same sdist. The stamp skips even that while the venv lives.
+install-gguf: $(VENV)/.installed-gguf
+$(VENV)/.installed-gguf: $(VENV)/.installed-test scripts/setup_llama_cpp.sh
+	PYTHON=$(BIN)/python bash scripts/setup_llama_cpp.sh
+	touch $@
+
+test: lint install-gguf
 	$(BIN)/python -m pytest -q
 
 # Benchmark: generates checkpoints under /tmp/qlora-bench (cached), sets up axolotl in its own venv there, runs

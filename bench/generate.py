@@ -10,7 +10,14 @@ Deliberately independent of the code under test: shard packing and naming, the i
 header (``stream_writer.py``) are written here again rather than imported from qlora_merge, so a bug there
 cannot make the benchmark's inputs agree with it.
 
+A quantized variant (``--size 1b-nf4``, see ``specs.QUANTIZED``) is made from its source size's bf16 base, itself
+generated first when not cached: transformers loads it with a ``BitsAndBytesConfig`` on CPU (bitsandbytes quantizes
+every linear layer but ``lm_head`` as it loads) and ``save_pretrained`` writes it as a ``*-bnb-4bit`` repository holds
+it; the source's adapter is copied next to it. That step uses transformers and bitsandbytes on purpose: the quantized
+bytes are what users download, not something this file re-implements.
+
 Usage: python bench/generate.py --size 1b --workdir /tmp/qlora-bench [--seed 0]
+       python bench/generate.py --size 1b-nf4 --workdir /tmp/qlora-bench [--seed 0]
 """
 
 from __future__ import annotations
@@ -25,7 +32,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from specs import LORA_ALPHA, LORA_RANK, SPECS, TARGET_MODULES, ModelSpec, base_tensors, projection_shapes
+from specs import (
+    LORA_ALPHA,
+    LORA_RANK,
+    QUANTIZED,
+    SIZES,
+    SPECS,
+    TARGET_MODULES,
+    ModelSpec,
+    QuantizedVariant,
+    base_tensors,
+    projection_shapes,
+)
 from stream_writer import TensorEntry, write_streaming
 
 GENERATOR_VERSION = 1
@@ -199,12 +217,12 @@ def marker_payload(spec: ModelSpec, seed: int) -> dict[str, object]:
     return {"version": GENERATOR_VERSION, "seed": seed, "spec": asdict(spec)}
 
 
-def is_complete(paths: CheckpointPaths, spec: ModelSpec, seed: int) -> bool:
-    """True when the marker matches this spec and seed and every recorded file has its recorded size."""
+def is_complete(paths: CheckpointPaths, payload: dict[str, object]) -> bool:
+    """True when the marker matches ``payload`` (see ``marker_payload``) and every recorded file has its size."""
     if not paths.marker.is_file():
         return False
     marker = json.loads(paths.marker.read_text())
-    if {key: marker.get(key) for key in ("version", "seed", "spec")} != marker_payload(spec, seed):
+    if {key: marker.get(key) for key in payload} != payload:
         return False
     files: dict[str, int] = marker.get("files", {})
     return bool(files) and all(
@@ -225,7 +243,7 @@ def generate(spec: ModelSpec, paths: CheckpointPaths, seed: int) -> None:
 def ensure_checkpoint(spec: ModelSpec, workdir: Path, seed: int) -> CheckpointPaths:
     """Generate the checkpoint for ``spec`` unless a complete one is already cached."""
     paths = checkpoint_paths(workdir, spec.name)
-    if is_complete(paths, spec, seed):
+    if is_complete(paths, marker_payload(spec, seed)):
         print(f"[{spec.name}] using cached checkpoint in {paths.root}", flush=True)
         return paths
     print(f"[{spec.name}] generating {spec.label}-shaped checkpoint in {paths.root}", flush=True)
@@ -235,9 +253,58 @@ def ensure_checkpoint(spec: ModelSpec, workdir: Path, seed: int) -> CheckpointPa
     return paths
 
 
+def quantized_payload(variant: QuantizedVariant, seed: int) -> dict[str, object]:
+    """The source's marker payload plus the quantization and the library versions that produced the bytes."""
+    import bitsandbytes
+    import transformers
+
+    versions = {"bitsandbytes": bitsandbytes.__version__, "transformers": transformers.__version__}
+    return {**marker_payload(SPECS[variant.source], seed), "quantization": asdict(variant), "versions": versions}
+
+
+def quantize(variant: QuantizedVariant, source: CheckpointPaths, paths: CheckpointPaths) -> dict[str, int]:
+    """Load the source base 4-bit quantized by transformers + bitsandbytes on CPU, save it, copy the adapter."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=variant.quant_type,
+        bnb_4bit_use_double_quant=variant.double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        source.base, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
+    )
+    print(f"  loaded and quantized in {time.perf_counter() - started:.1f} s", flush=True)
+    model.save_pretrained(paths.base)
+    del model
+    shutil.copytree(source.adapter, paths.adapter)
+    written = [*paths.base.iterdir(), *paths.adapter.iterdir()]
+    return {str(path.relative_to(paths.root)): path.stat().st_size for path in written if path.is_file()}
+
+
+def ensure_quantized(variant: QuantizedVariant, workdir: Path, seed: int) -> CheckpointPaths:
+    """Quantize the source size's base (generated first if needed) unless a complete variant is cached."""
+    source = ensure_checkpoint(SPECS[variant.source], workdir, seed)
+    paths = checkpoint_paths(workdir, variant.name)
+    payload = quantized_payload(variant, seed)
+    if is_complete(paths, payload):
+        print(f"[{variant.name}] using cached checkpoint in {paths.root}", flush=True)
+        return paths
+    print(f"[{variant.name}] quantizing {source.base} ({variant.quant_type}) into {paths.root}", flush=True)
+    started = time.perf_counter()
+    shutil.rmtree(paths.root, ignore_errors=True)
+    paths.root.mkdir(parents=True)
+    files = quantize(variant, source, paths)
+    write_json(paths.marker, {**payload, "files": files})
+    print(f"[{variant.name}] quantized in {time.perf_counter() - started:.1f} s", flush=True)
+    return paths
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", required=True, choices=sorted(SPECS))
+    parser.add_argument("--size", required=True, choices=SIZES)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -245,7 +312,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    ensure_checkpoint(SPECS[args.size], args.workdir, args.seed)
+    if args.size in QUANTIZED:
+        ensure_quantized(QUANTIZED[args.size], args.workdir, args.seed)
+    else:
+        ensure_checkpoint(SPECS[args.size], args.workdir, args.seed)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def collect(paths: list[Path]) -> tuple[Series, dict[float, str]]:
         results = json.loads(path.read_text())
         cold = bool(results.get("args", {}).get("cold", False))
         for record in results.get("sizes", []):
-            if "runs" not in record:
+            # A quantized base (e.g. 1b-nf4) has a third of the bf16 bytes of its shape: its x would be wrong.
+            if "runs" not in record or "quantization" in record:
                 continue
             params = record["shard_bytes"] / BF16_BYTES / GB
             ticks[params] = f"{record['label']}\n{record['shard_bytes'] / GB:.1f} GB"

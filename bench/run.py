@@ -13,7 +13,11 @@ measures each tool against the direct-read floor.
 The runner imports no torch (nor matplotlib), and neither do the modules it imports: on Linux a child's
 peak RSS starts at the parent's high-water mark, so a small runner keeps every child's number honest.
 
-Usage: python bench/run.py [--sizes 1b,3b] [--workdir /tmp/qlora-bench] [--repeats 1] [--cold]
+A quantized size (``1b-nf4``: the 1b base quantized to bitsandbytes nf4 with double quantization by transformers
+on CPU, see ``generate.py``) runs only ours and PEFT's merge from the dequantized model (``peft_reference.py
+--dequantize``), both writing bf16; the spot check compares them and, as "base", the unquantized bf16 source.
+
+Usage: python bench/run.py [--sizes 1b,3b,1b-nf4] [--workdir /tmp/qlora-bench] [--repeats 1] [--cold]
                            [--axolotl | --axolotl-python PY] [--plot bench/plot.png | --no-plot]
 """
 
@@ -34,7 +38,7 @@ from pathlib import Path
 
 from measure import own_peak_rss_bytes, run_child
 from pagecache import make_cold
-from specs import SPECS, spot_check_names
+from specs import QUANTIZED, SIZES, spec_of, spot_check_names
 from tools import AXOLOTL, BENCH_DIR, DIRECT_READ, DIRECT_WRITE, OURS, PEFT, Case, Tool, all_tools, child_env
 
 GB = 1e9
@@ -84,8 +88,11 @@ def load_case(size: str, workdir: Path) -> Case:
     """The generated files of ``size``; mirrors generate.checkpoint_paths, which cannot be imported (torch)."""
     root = workdir / "models" / size
     base, adapter = root / "base", root / "adapter"
-    index = json.loads((base / INDEX_NAME).read_text())
-    shards = tuple(base / name for name in sorted(set(index["weight_map"].values())))
+    if (base / INDEX_NAME).is_file():
+        index = json.loads((base / INDEX_NAME).read_text())
+        shards = tuple(base / name for name in sorted(set(index["weight_map"].values())))
+    else:  # one file, no index (save_pretrained of a model under its shard limit, e.g. the quantized 1b)
+        shards = (base / "model.safetensors",)
     return Case(size=size, base=base, adapter=adapter, shards=shards)
 
 
@@ -148,7 +155,7 @@ def run_tools(
     Returns runs per tool, snapshot errors/paths per merge tool, and how the input was prepared before each run.
     """
     out_root, snap_dir = args.workdir / "out" / case.size, args.workdir / "snapshots" / case.size
-    names = spot_check_names(SPECS[case.size])
+    names = spot_check_names(spec_of(case.size))
     runs: dict[str, list[Run]] = {tool.name: [] for tool in tools}
     snapshots: dict[str, str] = {}
     preparations: list[dict] = []
@@ -188,7 +195,9 @@ def spot_check(case: Case, snapshots: dict[str, str], logs: Path, workdir: Path)
     if not candidates:
         return {name: {"error": text} for name, text in snapshots.items() if name != PEFT}
     base_snapshot = snap_dir / "base.safetensors"
-    error = snapshot(case.base, base_snapshot, spot_check_names(SPECS[case.size]), logs)
+    # A quantized base stores its weights packed (U8) under the same names: compare with its bf16 source instead.
+    base = workdir / "models" / QUANTIZED[case.size].source / "base" if case.size in QUANTIZED else case.base
+    error = snapshot(base, base_snapshot, spot_check_names(spec_of(case.size)), logs)
     if error:
         return {"error": f"base snapshot: {error}"}
     argv = [sys.executable, str(BENCH_DIR / "spot_check.py"), "compare", "--base", str(base_snapshot)]
@@ -315,9 +324,11 @@ def print_spot_check(verdicts: dict) -> None:
 
 def bench_size(size: str, args: argparse.Namespace) -> dict:
     """Everything for one size: generation, warm-up, tool runs, spot check, table; returns the record."""
-    spec = SPECS[size]
+    spec = spec_of(size)
     logs = args.workdir / "logs" / size
     record: dict = {"size": size, "label": spec.label}
+    if size in QUANTIZED:
+        record["quantization"] = asdict(QUANTIZED[size])
     argv = [sys.executable, str(BENCH_DIR / "generate.py"), "--size", size, "--workdir", str(args.workdir)]
     generated = run_measured("generate", [*argv, "--seed", str(args.seed)], logs / "generate", child_env({}))
     record["generate"] = asdict(generated)
@@ -343,7 +354,7 @@ def bench_size(size: str, args: argparse.Namespace) -> dict:
         )
         if available and input_bytes > available // 2:
             print(f"[{size}] warning: input is over half of available RAM; tools may evict it mid-run", flush=True)
-    tools = all_tools(args.axolotl_python, args.workdir / "configs")
+    tools = all_tools(args.axolotl_python, args.workdir / "configs", quantized=size in QUANTIZED)
     runs, snapshots, preparations = run_tools(case, tools, args, logs)
     record["runs"] = {name: [asdict(run) for run in tool_runs] for name, tool_runs in runs.items()}
     record["input_preparation"] = preparations
@@ -353,7 +364,13 @@ def bench_size(size: str, args: argparse.Namespace) -> dict:
     record["runner_peak_rss_bytes"] = own_peak_rss_bytes()
     shards = f"{case.shard_bytes / GB:.2f} GB in {len(case.shards)} shards"
     state = "input evicted from the page cache before each tool (cold)" if args.cold else "input warm in page cache"
-    print(f"\n== {size} ({spec.label}-shaped, bf16): {shards}, {state} ==")
+    if size in QUANTIZED:
+        variant = QUANTIZED[size]
+        double = ", double quant" if variant.double_quant else ""
+        kind = f"bitsandbytes {variant.quant_type}{double} base, merged to bf16"
+    else:
+        kind = "bf16"
+    print(f"\n== {size} ({spec.label}-shaped, {kind}): {shards}, {state} ==")
     print_table(case, tools, runs, args.cold)
     print(
         f"runner RSS floor: {record['runner_peak_rss_bytes'] / GB:.3f} GB (no child's peak RSS can read below it); "
@@ -402,9 +419,9 @@ def print_eviction(check: dict, preparations: list[dict]) -> None:
 def size_list(text: str) -> list[str]:
     """Parse ``1b,3b`` into known size names."""
     sizes = [item.strip() for item in text.split(",") if item.strip()]
-    unknown = sorted(set(sizes) - set(SPECS))
+    unknown = sorted(set(sizes) - set(SIZES))
     if unknown or not sizes:
-        raise argparse.ArgumentTypeError(f"unknown sizes {unknown}; choose from {', '.join(SPECS)}")
+        raise argparse.ArgumentTypeError(f"unknown sizes {unknown}; choose from {', '.join(SIZES)}")
     return sizes
 
 
@@ -417,7 +434,7 @@ def positive(text: str) -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=size_list, default=["1b", "3b"], help="comma-separated: 1b,3b,8b")
+    parser.add_argument("--sizes", type=size_list, default=["1b", "3b"], help=f"comma-separated, of {','.join(SIZES)}")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"))
     parser.add_argument("--repeats", type=positive, default=1, help="runs per tool; the table shows the best")
     parser.add_argument(

@@ -48,6 +48,31 @@ SPECS: dict[str, ModelSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class QuantizedVariant:
+    """A bitsandbytes 4-bit copy of a generated bf16 size, quantized and saved by transformers on CPU.
+
+    Its adapter is the source size's; the benchmark merges it into the quantized base to a bf16 checkpoint.
+    """
+
+    name: str
+    source: str
+    quant_type: str
+    double_quant: bool
+
+
+QUANTIZED: dict[str, QuantizedVariant] = {
+    "1b-nf4": QuantizedVariant("1b-nf4", "1b", "nf4", double_quant=True),
+}
+# Every name ``--sizes`` accepts: the generated bf16 sizes, then their quantized variants.
+SIZES: tuple[str, ...] = (*SPECS, *QUANTIZED)
+
+
+def spec_of(size: str) -> ModelSpec:
+    """The model shape behind a size name; a quantized variant has its source size's shape."""
+    return SPECS[QUANTIZED[size].source] if size in QUANTIZED else SPECS[size]
+
+
 def projection_shapes(spec: ModelSpec) -> dict[str, tuple[int, int]]:
     """Map each LoRA-targeted module (relative to a decoder layer) to its weight shape (out, in)."""
     h, i, kv = spec.hidden, spec.intermediate, spec.kv_dim

@@ -97,6 +97,11 @@ def peft_command(case: Case, out: Path) -> list[str]:
     return [sys.executable, script, "--base", str(case.base), "--adapter", str(case.adapter), "--output", str(out)]
 
 
+def peft_dequantize_command(case: Case, out: Path) -> list[str]:
+    """PEFT's merge from a bitsandbytes 4-bit base: load 4-bit, ``dequantize()``, merge_and_unload, save_pretrained."""
+    return [*peft_command(case, out), "--dequantize"]
+
+
 def axolotl_config(case: Case, out: Path) -> dict[str, object]:
     """An axolotl 0.19 config that asks for its shard-by-shard ``memory_efficient`` LoRA merge.
 
@@ -152,8 +157,17 @@ def ours_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT / "src"), existing]))}
 
 
-def all_tools(axolotl_python: Path | None, config_dir: Path) -> list[Tool]:
-    """Every tool in run order; axolotl only when a python for it is given."""
+def all_tools(axolotl_python: Path | None, config_dir: Path, quantized: bool = False) -> list[Tool]:
+    """Every tool in run order; axolotl only when a python for it is given.
+
+    For a quantized base only the two merges run: ours, and PEFT from the dequantized model. The floors copy the
+    (4-bit) input's bytes, a third of what a merge writes, so they would bound nothing; axolotl is left out.
+    """
+    if quantized:
+        return [
+            Tool(OURS, is_merge=True, command=ours_command, env=ours_env()),
+            Tool(PEFT, is_merge=True, command=peft_dequantize_command),
+        ]
     tools = [
         Tool("cp", is_merge=False, command=cp_command, precreate_output=True),
         Tool(DIRECT_WRITE, is_merge=False, command=direct_write_command),

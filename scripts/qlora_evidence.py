@@ -7,7 +7,8 @@ model: PEFT's unmerged model over the 4-bit base (its weights as bitsandbytes de
 Each merge is compared with it:
 
 - into W16: `qlora-merge --base W` (what unsloth does);
-- into dequant(NF4(W)): `qlora-merge --base W --base-quant nf4` (what `axolotl merge-lora` does for 4-bit configs);
+- into dequant(NF4(W)): `qlora-merge --base W --base-quant nf4` (the weights a 4-bit load quantizes), and with
+  `--base-quant-all` (every 2-D tensor, embeddings and head too: what `axolotl merge-lora` does for 4-bit configs);
 - into the 4-bit checkpoint itself: `qlora-merge --base <bnb nf4 repo>`;
 - re-quantized: `--base-quant nf4 --requantize nf4`, loaded 4-bit by transformers (the "dequantize, merge,
   re-quantize" chain);
@@ -127,16 +128,17 @@ def run(arch: str, root: Path, delta: float) -> dict[str, float]:
     reference = training_logits(bnb_base, adapter, tokens, dequantized=True)
     merges = {
         "W16": dict(base=base),
-        "dequant(NF4(W))": dict(base=base, base_quant="nf4"),
+        "--base-quant nf4": dict(base=base, base_quant="nf4"),
+        "--base-quant nf4 --base-quant-all (axolotl)": dict(base=base, base_quant="nf4", base_quant_all=True),
         "the 4-bit checkpoint": dict(base=bnb_base),
-        "re-quantized nf4": dict(base=base, base_quant="nf4", requantize="nf4"),
+        "--base-quant nf4 --requantize nf4": dict(base=base, base_quant="nf4", requantize="nf4"),
     }
     row: dict[str, float] = {"max |logit|": reference.abs().max().item()}
     row["bnb CPU 4-bit kernel"] = (
         (training_logits(bnb_base, adapter, tokens, dequantized=False) - reference).abs().max().item()
     )
     for label, settings in merges.items():
-        out = root / label.replace(" ", "-").replace("(", "").replace(")", "")
+        out = root / "".join(c if c.isalnum() else "-" for c in label).strip("-")
         merge(settings.pop("base"), adapter, out, dtype="f32", **settings)
         row[label] = (logits_of(out, tokens) - reference).abs().max().item()
     report = inspect_adapter(adapter, base, quant_error="nf4")

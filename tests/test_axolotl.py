@@ -121,7 +121,9 @@ def test_config_merge_is_the_plain_merge_in_output_dir_merged(trained: tuple[Pat
     assert code == 0, err
     merged = Path("outputs/qlora-out/merged")
     assert "dtype   : bf16" in out and "adapter : ./outputs/qlora-out" in out, "bf16: auto is bf16"
-    code, _, err = run("--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "plain"))
+    # load_in_4bit: true merges into the round-tripped base, as `axolotl merge-lora` does
+    plain = ["--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "plain"), "--base-quant", "nf4"]
+    code, _, err = run(*plain)
     assert code == 0, err
     same_files(merged, tmp_path / "plain")
 
@@ -223,3 +225,123 @@ def test_config_with_verify_and_json(trained: tuple[Path, Path, Path]) -> None:
     result = json.loads(out)
     assert result["output"] == "outputs/qlora-out/merged" and result["dtype"] == "bf16"
     assert set(result["inputs_sha256"]) >= {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"}
+
+
+def test_a_4bit_config_merges_into_the_round_tripped_base(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """load_in_4bit / adapter: qlora merge into dequant(NF4(W)), as `axolotl merge-lora` does; --base-quant none
+    merges into W as stored, and the 4-bit default shows in the base stage."""
+    base, adapter, config = trained
+    code, out, err = run("--config", str(config))
+    assert code == 0, err
+    assert "round-tripped through nf4 as QLoRA trained on it" in out
+    code, _, err = run(
+        "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "nf4"), "--base-quant", "nf4"
+    )
+    assert code == 0, err
+    same_files(Path("outputs/qlora-out/merged"), tmp_path / "nf4")
+
+    code, out, err = run("--config", str(config), "--output", str(tmp_path / "off"), "--base-quant", "none")
+    assert code == 0, err
+    assert "round-tripped" not in out
+    code, _, err = run("--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "plain"))
+    assert code == 0, err
+    same_files(tmp_path / "off", tmp_path / "plain")
+    with pytest.raises(AssertionError):
+        same_files(tmp_path / "off", tmp_path / "nf4")  # the round trip changes the weights
+
+
+def test_base_quant_from_python_and_the_config(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, config = trained
+    found = read_axolotl_config(config)
+    assert found.base_quant == "nf4"
+    assert found.settings()["base_quant"] == "nf4"
+    assert found.settings(base_quant="none")["base_quant"] == "none"
+    assert found.settings(base_quant="fp4")["base_quant"] == "fp4"
+    assert found.options().base_quant_type == "nf4"
+    assert found.options(base_quant="none").base_quant_type is None
+    from qlora_merge import MergeOptions
+
+    assert found.options(MergeOptions(base_quant="none")).base_quant_type is None
+    off = merge_from_axolotl(config, output=tmp_path / "off", base_quant="none")
+    on = merge_from_axolotl(config, output=tmp_path / "on")
+    with pytest.raises(AssertionError):
+        same_files(off.output, on.output)
+    assert "| base weights | round-tripped through nf4" in (on.output / "README.md").read_text()
+    assert "round-tripped" not in (off.output / "README.md").read_text()
+
+
+QUANT_KEYS = [
+    ({"load_in_4bit": True}, "nf4"),
+    ({"adapter": "qlora"}, "nf4"),
+    ({"adapter": "qlora", "load_in_4bit": False}, "nf4"),  # axolotl's merge checks either
+    ({"adapter": "lora"}, None),
+    ({"adapter": "lora", "load_in_8bit": True}, None),  # axolotl merges an 8-bit LoRA into W as stored
+    ({"load_in_4bit": False}, None),
+    ({"load_in_4bit": True, "bnb_config_kwargs": {"bnb_4bit_quant_type": "fp4"}}, "fp4"),
+    ({"adapter": "qlora", "bnb_4bit_quant_type": "fp4"}, "fp4"),
+    ({"adapter": "qlora", "bnb_config_kwargs": {"bnb_4bit_use_double_quant": True, "blocksize": 64}}, "nf4"),
+]
+
+
+@pytest.mark.parametrize(("keys", "base_quant"), QUANT_KEYS, ids=[str(keys) for keys, _ in QUANT_KEYS])
+def test_base_quant_from_the_config_keys(keys: dict[str, Any], base_quant: str | None) -> None:
+    assert read_axolotl_config({"base_model": "org/m", "output_dir": "out", **keys}).base_quant == base_quant
+
+
+BAD_QUANT = [
+    ({"bnb_config_kwargs": {"bnb_4bit_use_double_quant": False}}, "'bnb_4bit_use_double_quant: false'"),
+    ({"bnb_4bit_use_double_quant": False}, "'bnb_4bit_use_double_quant: false'"),
+    ({"bnb_config_kwargs": {"blocksize": 128}}, "'blocksize: 128'"),
+    ({"bnb_config_kwargs": {"bnb_4bit_quant_type": "int4"}}, "'bnb_4bit_quant_type' 'int4' is not nf4 or fp4"),
+    ({"bnb_config_kwargs": [1]}, "'bnb_config_kwargs' must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(("keys", "message"), BAD_QUANT, ids=[m for _, m in BAD_QUANT])
+def test_4bit_settings_the_round_trip_cannot_reproduce_are_refused(
+    keys: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    values = {"base_model": "org/m", "output_dir": "out", "adapter": "qlora", **keys}
+    with pytest.raises(MergeError, match=message.replace("[", r"\[")) as error:
+        read_axolotl_config(values)
+    assert "\n" not in str(error.value)
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(values))
+    code, _, err = run("--config", str(config), "--dry-run")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    if "mapping" in message:
+        return
+    assert "pass --base-quant none" in str(error.value)
+    # a base_quant given settles it, and a LoRA config never round-trips, whatever its bnb keys say
+    assert read_axolotl_config(values, base_quant="none").settings()["base_quant"] == "none"
+    assert read_axolotl_config(values, base_quant="fp4").options().base_quant_type == "fp4"
+    assert read_axolotl_config(values | {"adapter": "lora"}).settings()["base_quant"] is None
+
+
+def test_base_quant_given_to_merge_from_axolotl_settles_the_config(
+    trained: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    from qlora_merge import MergeOptions
+
+    _, _, config = trained
+    values = yaml.safe_load(config.read_text()) | {"bnb_config_kwargs": {"bnb_4bit_use_double_quant": False}}
+    with pytest.raises(MergeError, match="bnb_4bit_use_double_quant: false"):
+        merge_from_axolotl(values, output=tmp_path / "refused")
+    first = merge_from_axolotl(values, output=tmp_path / "a", base_quant="none")
+    second = merge_from_axolotl(values, MergeOptions(base_quant="none"), output=tmp_path / "b")
+    same_files(first.output, second.output)
+    assert "round-tripped" not in (first.output / "README.md").read_text()
+
+
+def test_a_quantized_base_in_a_qlora_config_is_merged_as_it_is(tmp_path: Path) -> None:
+    """A *-bnb-4bit base_model is the 4-bit model training used: it is dequantized, not round-tripped (and the
+    --base-quant refusal, meant for a flag given by hand, does not fire)."""
+    base = tmp_path / "base-bnb-4bit"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    found = read_axolotl_config({"base_model": str(base), "output_dir": "out", "adapter": "qlora"})
+    assert found.base_quant is None
+    full = tmp_path / "base"
+    full.mkdir()
+    (full / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert read_axolotl_config({"base_model": str(full), "output_dir": "out", "adapter": "qlora"}).base_quant == "nf4"

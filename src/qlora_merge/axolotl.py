@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ import yaml
 from .api import MergeResult, merge
 from .dtypes import canonical_dtype
 from .errors import InputNotFound, MergeError
+from .fourbit import DEFAULT_BLOCKSIZE, QUANT_TYPES
+from .inputs.quantized import is_quantized
+from .names import CONFIG_NAME
 from .options import MergeOptions
 from .progress import ProgressCallback, ignore_progress
 
@@ -32,19 +36,27 @@ class AxolotlMerge:
     output: Path
     dtype: str
     hf_token: str | None = None
+    base_quant: str | None = None  # the 4-bit type the config trained on (load_in_4bit / adapter: qlora), or None
 
     def settings(self, **given: Any) -> dict[str, Any]:
         """The MergeOptions settings of this merge: `given` (a caller's, or the command line's flags, by name) with
-        the config's dtype and token where `given` has none. The one place the file and its overrides meet: a dtype
-        given wins (read_axolotl_config's `dtype` is already in `self.dtype`), a token given (not empty) wins over
-        `hf_use_auth_token`."""
-        return {**given, "dtype": given.get("dtype") or self.dtype, "hf_token": given.get("hf_token") or self.hf_token}
+        the config's dtype, token and base round trip where `given` has none. The one place the file and its
+        overrides meet: a dtype given wins (read_axolotl_config's `dtype` is already in `self.dtype`), a token given
+        (not empty) wins over `hf_use_auth_token`, a `base_quant` given ("none" included) wins over the 4-bit
+        round trip a QLoRA config calls for."""
+        return {
+            **given,
+            "dtype": given.get("dtype") or self.dtype,
+            "hf_token": given.get("hf_token") or self.hf_token,
+            "base_quant": given.get("base_quant") or self.base_quant,
+        }
 
     def options(self, options: MergeOptions | None = None, **settings: Any) -> MergeOptions:
         """The MergeOptions of this merge: `options` (or the defaults) with `settings` applied, then the config's
         dtype and token as `settings()` applies them (a token in `options` counts as given)."""
         start = options if options is not None else MergeOptions()
-        return MergeOptions.from_settings(start, self.settings(**{"hf_token": start.hf_token, **settings}))
+        given = {"hf_token": start.hf_token, "base_quant": start.base_quant, **settings}
+        return MergeOptions.from_settings(start, self.settings(**given))
 
 
 def read_axolotl_config(
@@ -55,6 +67,7 @@ def read_axolotl_config(
     output_dir: str | Path | None = None,
     output: str | Path | None = None,
     dtype: str | None = None,
+    base_quant: str | None = None,
 ) -> AxolotlMerge:
     """Read the keys of an axolotl config (a YAML path or the parsed mapping) that a merge needs; every other key
     (axolotl configs have hundreds: datasets, lora_r, learning_rate ...) is ignored. Each keyword, when given,
@@ -67,6 +80,11 @@ def read_axolotl_config(
     - The dtype is `torch_dtype` if set, else bf16 for `bf16: true` or `bf16: auto` (the merge needs no GPU to
       support it), f16 for `fp16`/`float16`/`load_in_8bit`, else f32, as axolotl loads the model for its merge.
     - `hf_use_auth_token`: a string is the token; true/false change nothing (HF_TOKEN or the stored login is used).
+    - `load_in_4bit: true` or `adapter: qlora`: the base is merged as QLoRA trained on it, each weight round-tripped
+      through 4-bit (`base_quant`), as `axolotl merge-lora` does (see `_base_quant`); not when the base is
+      quantized already (its config.json, read where no download is needed, says so). A 4-bit setting the round
+      trip cannot reproduce (no double quantization, another blocksize) is a MergeError unless `base_quant` is
+      given. `load_in_8bit` changes nothing: axolotl merges an 8-bit LoRA into the weights as stored.
 
     Relative paths are relative to the working directory, as axolotl reads them. Raises MergeError naming the file
     and the key when a required key is missing or has the wrong type.
@@ -87,12 +105,15 @@ def read_axolotl_config(
             base_ref,
         )
     token = values.get("hf_use_auth_token")
+    if base_quant is None:
+        base_quant = _config_base_quant(source, values, base_ref)
     return AxolotlMerge(
         base=base_ref,
         adapter=str(adapter_ref),
         output=output_path,
         dtype=canonical_dtype(dtype) if dtype else _dtype(source, values),
         hf_token=token if isinstance(token, str) and token else None,
+        base_quant=base_quant,
     )
 
 
@@ -211,8 +232,73 @@ def _dtype(source: str, values: Mapping[str, Any]) -> str:
     return "f32"
 
 
+def _config_base_quant(source: str, values: Mapping[str, Any], base: str) -> str | None:
+    """The round trip the config calls for (`_base_quant`), unless the base is quantized already: then it is the
+    4-bit model training used, merged into as it is."""
+    base_quant = _base_quant(source, values)
+    if base_quant is not None and _known_quantized(base):
+        log.info("%s: the base %s is quantized already: it is merged into as it is, not round-tripped", source, base)
+        return None
+    return base_quant
+
+
+def _base_quant(source: str, values: Mapping[str, Any]) -> str | None:
+    """The 4-bit type a QLoRA config trained on, which the merge round-trips the base through; None for any other
+    config.
+
+    axolotl's merge (`cli/merge_lora.py`, `_do_merge_lora_efficient`) simulates the 4-bit base when the config has
+    `load_in_4bit` or `adapter: qlora`, with double quantization unless `bnb_4bit_use_double_quant` (in
+    `bnb_config_kwargs` or at the top) is false, in blocks of `bnb_config_kwargs.blocksize` or 64, always nf4.
+    Training quantizes with `bnb_config_kwargs.bnb_4bit_quant_type` (nf4 by default, `loaders/model.py`): that
+    type is taken here, so an fp4-trained adapter merges into the fp4 base it saw. Settings the round trip cannot
+    reproduce (no double quantization, another blocksize or type) are refused, naming --base-quant."""
+    if values.get("load_in_4bit") is not True and values.get("adapter") != "qlora":
+        return None
+    kwargs = values.get("bnb_config_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise MergeError(f"{source}: 'bnb_config_kwargs' must be a mapping, got {_short(kwargs)}")
+    quant_type = kwargs.get("bnb_4bit_quant_type", values.get("bnb_4bit_quant_type")) or "nf4"
+    double = kwargs.get("bnb_4bit_use_double_quant", values.get("bnb_4bit_use_double_quant"))
+    blocksize = kwargs.get("blocksize")
+    unsupported = None
+    if quant_type not in QUANT_TYPES:
+        unsupported = f"'bnb_4bit_quant_type' {_short(quant_type)} is not nf4 or fp4"
+    elif double is False:
+        unsupported = "'bnb_4bit_use_double_quant: false'"
+    elif blocksize is not None and blocksize != DEFAULT_BLOCKSIZE:
+        unsupported = f"'blocksize: {_short(blocksize)}'"
+    if unsupported is not None:
+        raise MergeError(
+            f"{source}: {unsupported}: the 4-bit base QLoRA trained on is reproduced as nf4 or fp4 with double "
+            f"quantization in blocks of {DEFAULT_BLOCKSIZE} only; pass --base-quant none to merge into the weights "
+            "as stored, or --base-quant nf4|fp4"
+        )
+    return str(quant_type)
+
+
+def _known_quantized(base: str) -> bool:
+    """Whether the base's config.json, where it can be read without a download (a local directory, or the hub
+    cache), names a quantization. Anything unreadable counts as not: the merge reads it and says what is wrong."""
+    path = Path(base).expanduser()
+    try:
+        if path.is_dir():
+            config_path: object = path / CONFIG_NAME
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo_id, _, revision = base.partition("@")
+            config_path = try_to_load_from_cache(repo_id, CONFIG_NAME, revision=revision or None)
+        if not isinstance(config_path, str | Path):
+            return False
+        config = json.loads(Path(config_path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and is_quantized(config)
+
+
 # read_axolotl_config's keywords: merge_from_axolotl passes these on to it, and the rest to the MergeOptions.
-OVERRIDES = ("base", "adapter", "output_dir", "output", "dtype")
+# `base_quant` is also a MergeOptions field: given, it settles the config's 4-bit settings, so it goes to both.
+OVERRIDES = ("base", "adapter", "output_dir", "output", "dtype", "base_quant")
 
 
 def merge_from_axolotl(
@@ -224,9 +310,12 @@ def merge_from_axolotl(
 ) -> MergeResult:
     """`axolotl merge-lora config.yml`, streaming: merge the adapter an axolotl config trained into its base and
     write `{output_dir}/merged/`. `config` is the YAML's path or its parsed mapping; the keywords `base`, `adapter`,
-    `output_dir`, `output` and `dtype` override it (see `read_axolotl_config`); `options` and the other `settings`
-    are `merge()`'s (max_shard_size, overwrite, checksum, hf_token ...), with the config's dtype and token applied
-    as `AxolotlMerge.options` applies them."""
+    `output_dir`, `output`, `dtype` and `base_quant` (also taken from `options`) override it (see
+    `read_axolotl_config`); `options` and the other `settings` are `merge()`'s (max_shard_size, overwrite, checksum,
+    hf_token ...), with the config's dtype, token and base round trip applied as `AxolotlMerge.options` applies
+    them."""
     overrides = {key: settings.pop(key) for key in OVERRIDES if key in settings}
+    if options is not None and options.base_quant is not None:
+        overrides.setdefault("base_quant", options.base_quant)
     found = read_axolotl_config(config, **overrides)
     return merge(found.base, found.adapter, found.output, found.options(options, **settings), progress=progress)

@@ -11,6 +11,14 @@ from .merging.variants import lora_scaling
 from .plan.tasks import MergePlan
 
 
+def base_roundtrip_detail(quant_type: str, weights: int, blocksize: int) -> str:
+    """Which base --base-quant merges into, for progress and the model card."""
+    return (
+        f"round-tripped through {quant_type} as QLoRA trained on it ({weights} weights: bitsandbytes 4-bit, "
+        f"blocks of {blocksize}, double quantization)"
+    )
+
+
 def combined_detail(adapters: list[WeightedAdapter], how: Combination, subtract: bool) -> str:
     weights = ", ".join(f"{adapter.weight:g}" for adapter in adapters)
     modules = len({module for adapter in adapters for module in adapter.weights.pairs})

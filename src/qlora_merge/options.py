@@ -64,7 +64,14 @@ class MergeOptions:
     # before merging, as QLoRA training saw them and `axolotl merge-lora` does for 4-bit configs; None and "none"
     # merge into the weights as stored.
     base_quant: str | None = None
+    # with base_quant: every float tensor of two or more dimensions (embeddings and head too), exactly as `axolotl
+    # merge-lora` does; by default only the weights QLoRA training quantized (transformers' 4-bit rule)
+    base_quant_all: bool = False
     requantize: str | None = None  # write the merge as a bitsandbytes 4-bit checkpoint of this type
+    # GGUF types llama.cpp's converter and quantizer make of the merge ("f16,q4_k_m" or a sequence), in the output
+    gguf: tuple[str, ...] | str = ()
+    keep_safetensors: bool = True  # with gguf: False keeps only the .gguf files
+    llama_cpp: str | None = None  # a llama.cpp checkout with convert_hf_to_gguf.py; default: setup-gguf's cache
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -75,6 +82,14 @@ class MergeOptions:
             raise MergeError(f"--base-quant {self.base_quant!r}: expected one of {', '.join(BASE_QUANTS)}")
         if self.requantize is not None and self.requantize not in REQUANTIZE_TYPES:
             raise MergeError(f"--requantize {self.requantize!r}: expected one of {', '.join(REQUANTIZE_TYPES)}")
+        if self.gguf:
+            from .gguf.types import parse_types
+
+            object.__setattr__(self, "gguf", parse_types(self.gguf))
+            if self.requantize is not None:
+                raise MergeError("--gguf converts a float merge; --requantize writes a bitsandbytes one: pick one")
+        elif not self.keep_safetensors:
+            raise MergeError("--gguf-only needs --gguf TYPES")
         try:
             object.__setattr__(self, "max_shard_size", parse_size(self.max_shard_size))
         except ValueError as exc:

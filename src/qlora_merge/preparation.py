@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,16 +12,19 @@ from .adapter import read_adapter
 from .adapter.combine import WeightedAdapter, adapter_to_merge, scaled_config
 from .adapter.config import LoraConfig
 from .adapter.weights import AdapterTensor, AdapterWeights, dtype_of, read_chunks, read_tensor
-from .describe import adapter_detail, combined_detail, lora_summary
-from .errors import CheckpointFormatError
+from .describe import adapter_detail, base_roundtrip_detail, combined_detail, lora_summary
+from .errors import CheckpointFormatError, MergeError
+from .fourbit import DEFAULT_BLOCKSIZE
 from .inputs.base_choice import check_not_swapped
 from .inputs.config import read_base_config
+from .inputs.format import TensorEntry
 from .inputs.index import open_checkpoint
-from .inputs.quantized import is_quantized, logical_index
+from .inputs.quantized import is_quantized, logical_index, quant_method
 from .inputs.quantized import summary as quantization_summary
 from .inputs.reader import TensorReader
 from .inputs.remote import RemoteBase, is_repo_ref, remote_base
 from .inputs.resolve import resolve_adapter, resolve_base
+from .inputs.roundtrip import RoundTripSource, count_round_tripped
 from .inputs.sources import Source, source_for
 from .merging.combination import Combination
 from .names import ADAPTER_CONFIG_NAME
@@ -58,6 +62,8 @@ class Inputs:
     adapter_files: tuple[tuple[str, ...], ...] = ()  # per adapter: its weights file and config
     combination: str | None = None  # with several adapters
     subtract: bool = False
+    # --base-quant: how the base's weights were round-tripped before merging, in words ("" when they were not)
+    base_roundtrip: str = ""
 
     @property
     def adapter_dir(self) -> Path:
@@ -78,6 +84,7 @@ def prepare(
     merge, reporting each stage to `progress` and timing it in `timings`. With `output`, it is checked first (free,
     not an input). Every error a user can cause is raised here, before a byte is written."""
     hf_token, how, subtract = options.hf_token, Combination(options.combine), options.subtract
+    _check_base_quant_options(options)
     with stage("resolve", progress, timings) as step:
         if output is not None:
             check_output_free(output, options.overwrite)
@@ -91,6 +98,7 @@ def prepare(
         resolved_loader = resolve_loader(options.loader, base_config)
         step.detail = resolved_loader.architecture
     with stage("base", progress, timings) as step:
+        _check_base_quant(base_dir, base_config, options)
         if remote is not None and is_quantized(base_config):
             raise CheckpointFormatError(
                 f"{base}: a quantized base is planned from its quantization states, which header-only "
@@ -102,6 +110,10 @@ def prepare(
             step.detail += f", {quantization_summary(base_config)}, dequantized"
         if remote is not None:
             step.detail += f", headers only: {human_bytes(remote.header_bytes)} read from the hub"
+        trained = _trained_weights(index, base_config, options) if options.base_quant_type else None
+        base_roundtrip = _roundtrip_detail(options, index.tensors.values(), trained)
+        if base_roundtrip:
+            step.detail += f", {base_roundtrip}"
     with stage("tokenizer", progress, timings) as step:
         from_adapter = _adapters_tokenizer(adapter_dirs)
         overridden = {p.name for p in from_adapter} | {"config.json"}
@@ -142,7 +154,7 @@ def prepare(
         base_config=base_config,
         architecture=resolved_loader.architecture,
         plan=plan,
-        source=source_for(index),
+        source=_source(index, options, trained),
         companions=tuple(companions + from_adapter),
         coverage=tuple(rows),
         adapter_weights=tuple(weight for _, weight in adapters),
@@ -151,7 +163,61 @@ def prepare(
         adapter_files=tuple((adapter.weights.path.name, ADAPTER_CONFIG_NAME) for adapter in read),
         combination=how.value if len(read) > 1 else None,
         subtract=subtract,
+        base_roundtrip=base_roundtrip,
     )
+
+
+def _check_base_quant_options(options: MergeOptions) -> None:
+    """--base-quant is for a merge: the base of a subtraction is a merged checkpoint, which a round trip would not
+    turn back into the weights the adapter trained on. Checked first, before any download."""
+    if options.base_quant_type is not None and options.subtract:
+        raise MergeError(
+            f"--base-quant {options.base_quant} with --subtract: the base of a subtraction is a merged checkpoint, "
+            "not the weights an adapter trained on, and a round trip would not give them back; drop --base-quant"
+        )
+
+
+def _check_base_quant(base_dir: Path, base_config: dict[str, Any], options: MergeOptions) -> None:
+    """--base-quant round-trips a full-precision base: a quantized base is refused (its dequantized weights are the
+    base a QLoRA adapter trained on already), before anything is read or written."""
+    if options.base_quant_type is None or not is_quantized(base_config):
+        return
+    what = quantization_summary(base_config) or f"quantized ({quant_method(base_config)})"
+    raise CheckpointFormatError(
+        f"{base_dir / 'config.json'}: --base-quant {options.base_quant} round-trips a full-precision base, but this "
+        f"base is {what} already; merge into it without --base-quant (with --config: --base-quant none), or give "
+        "the full-precision base"
+    )
+
+
+def _source(index: object, options: MergeOptions, trained: frozenset[str] | None) -> Source:
+    """How the base's tensors are read: by the source its format calls for, round-tripped through 4-bit with
+    --base-quant."""
+    source = source_for(index)
+    quant_type = options.base_quant_type
+    if quant_type is None:
+        return source
+    return RoundTripSource(source, quant_type, only=trained)
+
+
+def _trained_weights(index: object, base_config: dict[str, Any], options: MergeOptions) -> frozenset[str] | None:
+    """The weights --base-quant round-trips: those transformers quantizes when it loads the base in 4-bit, which
+    QLoRA trained against (embeddings and the output head stay 16-bit there); None with --base-quant-all (every
+    tensor of two or more dimensions, as axolotl merge-lora does)."""
+    if options.base_quant_all:
+        return None
+    from .outputs.requantize import quantized_weights
+
+    return quantized_weights(base_config, list(index.tensors.values()), "--base-quant", True)  # type: ignore[attr-defined]
+
+
+def _roundtrip_detail(options: MergeOptions, entries: Iterable[TensorEntry], trained: frozenset[str] | None) -> str:
+    """Which base --base-quant merges into, in words ("" without it)."""
+    quant_type = options.base_quant_type
+    if quant_type is None:
+        return ""
+    detail = base_roundtrip_detail(quant_type, count_round_tripped(entries, trained), DEFAULT_BLOCKSIZE)
+    return detail + (", embeddings and head included, as axolotl merge-lora does" if trained is None else "")
 
 
 def _remote_base(base: str, hf_token: str | None) -> RemoteBase | None:

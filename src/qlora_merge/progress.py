@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-STAGES = ("resolve", "base", "tokenizer", "adapter", "merge", "save")
+STAGES = ("resolve", "base", "tokenizer", "adapter", "merge", "save", "gguf")
 
 
 @dataclass(frozen=True)

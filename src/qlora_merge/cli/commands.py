@@ -29,8 +29,10 @@ from .parser import (
     build_parser,
     check_merge_flags,
     config_overrides,
+    gguf_parser,
     inspect_parser,
     merge_settings,
+    setup_gguf_parser,
     verify_parser,
 )
 
@@ -47,6 +49,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return verify_command(argv[1:], out, err)
     if argv[:1] == ["inspect"]:
         return inspect_command(argv[1:], out, err)
+    if argv[:1] == ["gguf"]:
+        return gguf_command(argv[1:], out, err)
+    if argv[:1] == ["setup-gguf"]:
+        return setup_gguf_command(argv[1:], out, err)
     return merge_command(argv, out, err)
 
 
@@ -249,6 +255,50 @@ def inspect_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     if report.base_matches is False:
         print(f"qlora-merge: error: {args.adapter} does not fit {args.base}: {report.mismatches[0]}", file=err)
         return EXIT_BAD_INPUT
+    return 0
+
+
+def gguf_command(argv: list[str], out: TextIO, err: TextIO) -> int:
+    """`qlora-merge gguf MERGED --types T`: convert an existing merge with llama.cpp's converter and quantizer."""
+    args = gguf_parser().parse_args(argv)
+    configure_logging(args.debug, err)
+    from ..gguf import convert
+
+    code, files = guarded(
+        lambda: convert(
+            args.merged,
+            args.types,
+            args.output,
+            name=args.name,
+            converter=args.llama_cpp,
+            overwrite=args.overwrite,
+            allow_f16_overflow=args.allow_nonfinite,
+            threads=args.threads,
+        ),
+        args.debug,
+        err,
+    )
+    if files is None:
+        return code
+    if args.json:
+        written = [{"type": f.gguf_type, "path": str(f.path), "bytes": f.bytes, "seconds": f.seconds} for f in files]
+        print(json.dumps(written, indent=2), file=out)
+    else:
+        for f in files:
+            print(f"{f.path}  ({f.gguf_type}, {f.bytes / 1e6:.1f} MB, {f.seconds:.0f}s)", file=out)
+    return 0
+
+
+def setup_gguf_command(argv: list[str], out: TextIO, err: TextIO) -> int:
+    """`qlora-merge setup-gguf`: llama.cpp's converter from the pinned llama-cpp-python sdist, into the cache."""
+    args = setup_gguf_parser().parse_args(argv)
+    configure_logging(args.debug, err)
+    from ..gguf import setup_converter
+
+    code, found = guarded(lambda: setup_converter(args.sdist, force=args.force), args.debug, err)
+    if found is None:
+        return code
+    print(f"llama.cpp's converter (llama-cpp-python {found.version}) in {found.root}", file=out)
     return 0
 
 

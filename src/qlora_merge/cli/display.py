@@ -24,6 +24,7 @@ STAGE_TEXT = {
     "adapter": ("Loading LoRA adapter", "Adapter loaded"),
     "merge": ("Merging adapter into base weights", "Merged"),
     "save": ("Saving merged model to '{detail}'", "Saved"),
+    "gguf": ("Converting to GGUF with llama.cpp ({detail})", "GGUF written"),
 }
 # The same stages with several adapters, or with the adapters' deltas taken out.
 SEVERAL_TEXT = {
@@ -78,7 +79,7 @@ class StageLog:
             if self.bar and event.stage == "merge":
                 self.err.write("\r" + " " * 78 + "\r")
             detail = f": {event.detail}" if event.detail and event.stage != "save" else ""
-            timing = f"  ({event.elapsed:.0f}s)" if event.stage in ("base", "merge", "save") else ""
+            timing = f"  ({event.elapsed:.0f}s)" if event.stage in ("base", "merge", "save", "gguf") else ""
             self.line(f"{self.mark('done')} {finished}{detail}{timing}")
 
     def adapters(self, adapters: list[tuple[str, float]], combine: str, subtract: bool) -> None:
@@ -111,6 +112,8 @@ class StageLog:
         )
         if result.checksums:
             self.line(f"   SHA-256 of {len(result.checksums)} shard(s) in {result.output / 'README.md'}")
+        for path in result.gguf:
+            self.line(f"   GGUF: {path}")
 
 
 def _print_coverage(result: MergeResult, log: StageLog) -> None:

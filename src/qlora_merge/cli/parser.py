@@ -24,7 +24,7 @@ USAGE = """qlora-merge [--base BASE] --adapter ADAPTER[:WEIGHT] ... --output OUT
        qlora-merge verify [--base BASE] --adapter ADAPTER --merged MERGED [options]
        qlora-merge inspect ADAPTER [--base BASE] [options]
        qlora-merge help [verify|inspect]"""
-SUBCOMMANDS = ("verify", "inspect")
+SUBCOMMANDS = ("verify", "inspect", "gguf", "setup-gguf")
 # The flags that are MergeOptions fields, under the field's name (--max-shard-size is max_shard_size ...).
 OPTION_NAMES = tuple(field.name for field in dataclasses.fields(MergeOptions))
 
@@ -118,9 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-quant",
         default=None,
         choices=BASE_QUANTS,
-        help="merge into the base as QLoRA training saw it: each LoRA-updated weight round-tripped through "
-        "bitsandbytes 4-bit nf4 or fp4 (blocks of 64, double quantization), as `axolotl merge-lora` does; "
+        help="merge into the base as QLoRA training saw it: the weights a 4-bit load quantizes round-tripped "
+        "through bitsandbytes 4-bit nf4 or fp4 (blocks of 64, double quantization; needs transformers); "
         "none: into the weights as stored (default: none, or nf4 with a --config that trains 4-bit)",
+    )
+    parser.add_argument(
+        "--base-quant-all",
+        action="store_true",
+        default=None,
+        help="with --base-quant: round-trip every tensor of two or more dimensions, embeddings and lm_head too, "
+        "exactly as axolotl merge-lora does (default: only the weights QLoRA training quantized)",
     )
     parser.add_argument(
         "--requantize",
@@ -128,6 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
         choices=REQUANTIZE_TYPES,
         help="write the merged model as a bitsandbytes 4-bit checkpoint (nf4 or fp4, double quantization) that "
         "transformers loads with its quantization_config",
+    )
+    parser.add_argument(
+        "--gguf",
+        metavar="TYPES",
+        default=None,
+        help="also convert the merge with llama.cpp's own converter and quantizer to <output-name>-<type>.gguf in "
+        "the output, for each of a comma list: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k or another "
+        "llama-quantize type (pip install 'qlora-merge[gguf]', then `qlora-merge setup-gguf` once); the tokenizer "
+        "and architecture are checked before the merge",
+    )
+    parser.add_argument(
+        "--gguf-only",
+        dest="keep_safetensors",
+        action="store_false",
+        default=None,
+        help="with --gguf: keep only the GGUF files (the safetensors merge is staged, converted and removed)",
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        dest="llama_cpp",
+        metavar="DIR",
+        default=None,
+        help="a llama.cpp checkout whose convert_hf_to_gguf.py to use (default: setup-gguf's, or "
+        "QLORA_MERGE_LLAMA_CPP)",
     )
     _add_hub_flags(parser)
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 2GiB (default: 5GB)")
@@ -210,6 +241,19 @@ def verify_parser() -> argparse.ArgumentParser:
     _add_hub_flags(parser)
     parser.add_argument("--allow-unused", action="store_true", help="as for the merge: adapter tensors may go unused")
     parser.add_argument(
+        "--base-quant",
+        default=None,
+        choices=BASE_QUANTS,
+        help="as for the merge: the base was round-tripped through bitsandbytes 4-bit (nf4, fp4) before merging",
+    )
+    parser.add_argument(
+        "--base-quant-all",
+        action="store_true",
+        default=None,
+        help="with --base-quant: round-trip every tensor of two or more dimensions, embeddings and lm_head too, "
+        "exactly as axolotl merge-lora does (default: only the weights QLoRA training quantized)",
+    )
+    parser.add_argument(
         "--logits",
         action="store_true",
         help="also run a prompt through the merged model and through base + adapter (PEFT, unmerged) and compare "
@@ -249,6 +293,38 @@ def inspect_parser() -> argparse.ArgumentParser:
         "QLoRA trained",
     )
     _add_output_flags(parser, "print the report as JSON")
+    return parser
+
+
+def gguf_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="qlora-merge gguf",
+        description="Convert a merged model directory to GGUF with llama.cpp's own converter and quantizer: one "
+        "<name>-<type>.gguf per type, each written whole or not at all.",
+    )
+    parser.add_argument("merged", help="the merged model directory (safetensors, config.json, tokenizer)")
+    parser.add_argument("--types", required=True, help="comma list: f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k ...")
+    parser.add_argument("--output", default=None, help="directory for the GGUF files (default: the merged one)")
+    parser.add_argument("--name", default=None, help="file name stem (default: the merged directory's name)")
+    parser.add_argument("--llama-cpp", dest="llama_cpp", metavar="DIR", default=None, help="as for the merge")
+    parser.add_argument("--overwrite", action="store_true", help="replace GGUF files that exist")
+    parser.add_argument(
+        "--allow-nonfinite", action="store_true", help="write f16 even where values exceed float16's range"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
+    _add_output_flags(parser, "print the files written as JSON")
+    return parser
+
+
+def setup_gguf_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="qlora-merge setup-gguf",
+        description="Fetch llama.cpp's converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py) from "
+        "the sdist of the pinned llama-cpp-python release into the cache qlora-merge looks in.",
+    )
+    parser.add_argument("--sdist", default=None, help="a downloaded llama-cpp-python sdist to unpack instead")
+    parser.add_argument("--force", action="store_true", help="unpack again even if the cache has it")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     return parser
 
 
@@ -318,6 +394,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "output_dir": args.output_dir,
         "output": args.output,
         "dtype": args.dtype,
+        "base_quant": args.base_quant,
     }
 
 

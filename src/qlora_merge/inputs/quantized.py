@@ -2,9 +2,10 @@
 not read.
 
 Each quantization format we read is one module here (bnb.py: bitsandbytes 4-bit and 8-bit; fp8.py: block-scaled
-FP8) with three things: `matches(config)`, `logical_index(index, config)` (the checkpoint as the plan sees it: one
-entry per weight in the dtype and shape it dequantizes to, the scales gone) and `summary(config)` (a few words for
-progress and the model card). `sources.source_for` picks the Source from the logical index's `quantization`.
+FP8; compressed.py: compressed-tensors FP8) with three things: `matches(config)`, `logical_index(index, config)` (the
+checkpoint as the plan sees it: one entry per weight in the dtype and shape it dequantizes to, the scales gone) and
+`summary(config)` (a few words for progress and the model card). `sources.source_for` picks the Source from the
+logical index's `quantization`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ UNREAD = {
     "higgs": "HIGGS",
     "mxfp4": "MXFP4",
     "fbgemm_fp8": "FBGEMM FP8",
-    "compressed-tensors": "compressed-tensors",
     "quark": "Quark",
     "auto-round": "AutoRound",
 }
@@ -58,6 +58,10 @@ def summary(config: dict[str, Any]) -> str:
 
     if fp8.matches(config):
         return fp8.summary(config)
+    from . import compressed
+
+    if compressed.matches(config):
+        return compressed.summary(config)
     return ""
 
 
@@ -73,9 +77,13 @@ def logical_index(index: CheckpointIndex, config: dict[str, Any]) -> CheckpointI
 
     if fp8.matches(config):
         return fp8.logical_index(index, config)
+    from . import compressed
+
+    if compressed.matches(config):
+        return compressed.logical_index(index, config)
     name = UNREAD.get(method, f"quantized ({method!r})")
     raise CheckpointFormatError(
         f"{index.root / 'config.json'}: the base is {name}, which qlora-merge does not read (it reads full precision, "
-        "bitsandbytes 4-bit/8-bit and FP8 with block scales); give --base the full-precision model it was "
-        "quantized from"
+        "bitsandbytes 4-bit/8-bit, FP8 with block scales and compressed-tensors FP8); give --base the full-precision "
+        "model it was quantized from"
     )

@@ -74,6 +74,10 @@ class Provenance:
     combination: str = ""  # how several adapters were combined ("cat", "linear")
     subtract: bool = False  # the adapters' deltas were taken out of `base` rather than added
     base_quantization: str = ""  # how the base was quantized (its weights were dequantized to be merged)
+    # --base-quant: how the base's weights were round-tripped through 4-bit before merging, in words
+    base_roundtrip: str = ""
+    # --requantize: how the output's weights are quantized, in words
+    requantized: str = ""
 
 
 def snapshot_commit(directory: Path) -> str:
@@ -154,10 +158,12 @@ def model_card(info: Provenance) -> str:
         "|---|---|",
         f"| base model | {base} |",
         *([f"| base quantization | {info.base_quantization} (dequantized) |"] if info.base_quantization else []),
+        *([f"| base weights | {info.base_roundtrip} |"] if info.base_roundtrip else []),
         *rows,
         *([f"| combination | {info.combination} ({COMBINATION_TEXT.get(info.combination, '')}) |"] if several else []),
         *(["| operation | subtracted (the adapters' deltas taken out of the base) |"] if info.subtract else []),
         f"| dtype | {info.dtype} |",
+        *([f"| quantization | {info.requantized} |"] if info.requantized else []),
         f"| tool | qlora-merge {info.version} |",
     ]
     if info.inputs:

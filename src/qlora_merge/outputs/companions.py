@@ -104,8 +104,24 @@ def write_config(
     """config.json with every dtype field (top level and nested sub-configs) set to the output dtype, and the
     plan's changes (`vocab_size` after a resize, `tie_word_embeddings` when untied) applied. A quantized base's
     `quantization_config` is left out: every weight of the merge is dequantized."""
-    config = _with_changes(_with_dtype(_dequantized(base_config), dtype_name), changes or {})
+    config = output_config(base_config, dtype_name, changes)
     (destination / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def output_config(
+    base_config: dict[str, Any], dtype_name: str, changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The config.json `write_config` writes, as a dict."""
+    return _with_changes(_with_dtype(_dequantized(base_config), dtype_name), changes or {})
+
+
+def add_quantization_config(destination: Path, quantization: dict[str, Any]) -> None:
+    """Add `quantization_config` to the config.json written in `destination` (`--requantize`: the output is
+    quantized, and transformers reads how from there)."""
+    path = destination / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"] = quantization
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _dequantized(config: dict[str, Any]) -> dict[str, Any]:

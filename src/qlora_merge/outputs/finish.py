@@ -24,10 +24,12 @@ def finish_output(
     base: str,
     adapters: list[str],
     checksum: bool,
+    requantized: str = "",
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Everything beside the weights (which the sink has written and checked): companion files, config.json and
     the model card (README.md) with the hash of each input and, with `checksum`, the SHA-256 of each of
-    `weight_files`. Last, the inputs are checked unchanged. Returns the checksums and the input hashes."""
+    `weight_files`; `requantized` says how --requantize quantized the output (for the card). Last, the inputs are
+    checked unchanged. Returns the checksums and the input hashes."""
     from .. import __version__
 
     copy_companions(inputs.companions, staging)
@@ -59,6 +61,8 @@ def finish_output(
         combination=inputs.combination or "",
         subtract=inputs.subtract,
         base_quantization=quantization_summary(inputs.base_config),
+        base_roundtrip=inputs.base_roundtrip,
+        requantized=requantized,
     )
     write_card(staging, provenance)
     # Last, once every read is done: a weight file written to in place while it was read may have given bytes
