@@ -29,7 +29,7 @@ from ..fourbit import CODES, QUANT_TYPES
 from .format import DTYPES, FLOAT_DTYPES, TensorEntry
 from .index import CheckpointIndex
 from .reader import ByteRange, TensorReader
-from .sources import SafetensorsSource
+from .sources import SafetensorsSource, into_buffer, read_now
 
 BITSANDBYTES = "bitsandbytes"
 QUANT_STATE = ".quant_state.bitsandbytes__"
@@ -349,14 +349,7 @@ class BnbSource:
     ) -> torch.Tensor:
         if not isinstance(entry, Bnb4bitEntry | Int8Entry):
             return self._plain.read_elements(entry, start, stop, reader, buffer)
-        values = self._read_now(entry, start, stop, reader)
-        out = buffer[: values.numel() * values.element_size()].view(values.dtype)
-        return out.copy_(values)
+        return into_buffer(self._read_now(entry, start, stop, reader), buffer)
 
     def _read_now(self, entry: TensorEntry, start: int, stop: int, reader: TensorReader) -> torch.Tensor:
-        data = []
-        for byte_range in self.reads(entry, start, stop):
-            raw = torch.empty(byte_range.nbytes, dtype=torch.uint8)
-            reader.read_bytes_into(byte_range.path, byte_range.offset, raw)
-            data.append(raw)
-        return self.decode(entry, start, stop, data)
+        return read_now(self, entry, start, stop, reader)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError
 from .format import TensorEntry
-from .fp8 import CODE_DTYPES, FP8, Fp8Entry, output_dtype
+from .fp8 import Fp8Entry, fp8_index, output_dtype
 from .index import CheckpointIndex
 
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -71,22 +71,13 @@ def logical_index(index: CheckpointIndex, config: dict[str, Any]) -> CheckpointI
     config_path = index.root / "config.json"
     grids = _allowed_grids(config_path, config["quantization_config"])
     dtype = output_dtype(config)
-    tensors = index.tensors
-    logical: dict[str, TensorEntry] = {}
-    used: set[str] = set()
-    for name, entry in tensors.items():
-        if entry.dtype in CODE_DTYPES:
-            fp8_entry = _fp8_entry(entry, tensors, grids, dtype)
-            logical[name] = fp8_entry
-            used.update((fp8_entry.scale.name, f"{name.removesuffix('.weight')}{INPUT_SCALE}"))
-        else:
-            logical[name] = entry
-    for name in used:
-        logical.pop(name, None)
-    for name, entry in logical.items():
-        if name.endswith(("weight_scale", "weight_zero_point", INPUT_SCALE)) and not isinstance(entry, Fp8Entry):
-            _stray(entry, tensors)
-    return CheckpointIndex(root=index.root, files=index.files, tensors=logical, quantization=FP8)
+    return fp8_index(
+        index,
+        lambda entry: _fp8_entry(entry, index.tensors, grids, dtype),
+        INPUT_SCALE,
+        ("weight_scale", "weight_zero_point", INPUT_SCALE),
+        _stray,
+    )
 
 
 def _allowed_grids(config_path: object, quantization: dict[str, Any]) -> list[tuple[str, int, int]]:

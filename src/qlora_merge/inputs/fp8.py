@@ -20,7 +20,7 @@ of a run of elements and the scale rows covering them, and dequantizes them in t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..errors import CheckpointFormatError
 from .format import DTYPES, TensorEntry
 from .index import CheckpointIndex
 from .reader import ByteRange, TensorReader
-from .sources import SafetensorsSource
+from .sources import SafetensorsSource, into_buffer, read_now
 
 FP8 = "fp8"
 # safetensors dtypes of FP8 codes (e4m3 is what releases use; e5m2 decodes the same way)
@@ -103,21 +103,40 @@ def logical_index(index: CheckpointIndex, config: dict[str, Any]) -> CheckpointI
         return index
     block = _block_size(index, config["quantization_config"])
     dtype = output_dtype(config)
+    return fp8_index(
+        index,
+        lambda entry: _fp8_entry(entry, index.tensors, block, dtype),
+        ACTIVATION_SCALE,
+        (SCALE_SUFFIX, ACTIVATION_SCALE),
+        _stray,
+    )
+
+
+def fp8_index(
+    index: CheckpointIndex,
+    make_entry: Callable[[TensorEntry], Fp8Entry],
+    activation_suffix: str,
+    auxiliary: tuple[str, ...],
+    stray: Callable[[TensorEntry, dict[str, TensorEntry]], None],
+) -> CheckpointIndex:
+    """The logical index of an FP8 checkpoint (here and compressed-tensors'): each FP8 weight the entry
+    `make_entry` gives, its scale and activation scale (`<module><activation_suffix>`) left out; a tensor named
+    like one of `auxiliary` that no weight took is refused by `stray`."""
     tensors = index.tensors
     logical: dict[str, TensorEntry] = {}
     used: set[str] = set()
     for name, entry in tensors.items():
         if entry.dtype in CODE_DTYPES:
-            fp8_entry = _fp8_entry(entry, tensors, block, dtype)
+            fp8_entry = make_entry(entry)
             logical[name] = fp8_entry
-            used.update((fp8_entry.scale.name, f"{name.removesuffix('.weight')}{ACTIVATION_SCALE}"))
+            used.update((fp8_entry.scale.name, f"{name.removesuffix('.weight')}{activation_suffix}"))
         else:
             logical[name] = entry
     for name in used:
         logical.pop(name, None)
     for name, entry in logical.items():
-        if name.endswith((SCALE_SUFFIX, ACTIVATION_SCALE)) and not isinstance(entry, Fp8Entry):
-            _stray(entry, tensors)
+        if name.endswith(auxiliary) and not isinstance(entry, Fp8Entry):
+            stray(entry, tensors)
     return CheckpointIndex(root=index.root, files=index.files, tensors=logical, quantization=FP8)
 
 
@@ -236,17 +255,10 @@ class Fp8Source:
     ) -> torch.Tensor:
         if not isinstance(entry, Fp8Entry):
             return self._plain.read_elements(entry, start, stop, reader, buffer)
-        values = self._read_now(entry, start, stop, reader)
-        out = buffer[: values.numel() * values.element_size()].view(values.dtype)
-        return out.copy_(values)
+        return into_buffer(self._read_now(entry, start, stop, reader), buffer)
 
     def _read_now(self, entry: Fp8Entry, start: int, stop: int, reader: TensorReader) -> torch.Tensor:
-        data = []
-        for byte_range in self.reads(entry, start, stop):
-            raw = torch.empty(byte_range.nbytes, dtype=torch.uint8)
-            reader.read_bytes_into(byte_range.path, byte_range.offset, raw)
-            data.append(raw)
-        return self.decode(entry, start, stop, data)
+        return read_now(self, entry, start, stop, reader)
 
 
 def _scale_rows(entry: Fp8Entry, start: int, stop: int) -> tuple[int, int]:

@@ -76,6 +76,23 @@ class SafetensorsSource:
         return buffer.view(entry.torch_dtype)
 
 
+def read_now(source: Source, entry: TensorEntry, start: int, stop: int, reader: TensorReader) -> torch.Tensor:
+    """Elements [start, stop) of `entry` read at once (not through the read-ahead): the source's ranges, then its
+    decoding, in fresh buffers."""
+    data = []
+    for byte_range in source.reads(entry, start, stop):
+        raw = torch.empty(byte_range.nbytes, dtype=torch.uint8)
+        reader.read_bytes_into(byte_range.path, byte_range.offset, raw)
+        data.append(raw)
+    return source.decode(entry, start, stop, data)
+
+
+def into_buffer(values: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """`values` copied into the front of the uint8 `buffer` (read_elements' contract), as their own dtype."""
+    out = buffer[: values.numel() * values.element_size()].view(values.dtype)
+    return out.copy_(values)
+
+
 def source_for(index: object) -> Source:
     """The source that reads a checkpoint's tensors, from its logical index's `quantization` (inputs/quantized.py):
     bitsandbytes weights are dequantized by BnbSource, FP8 by Fp8Source; every other base is safetensors, or a
