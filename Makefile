@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= /tmp/qlora-merge-demo
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-test install-gguf demo test lint bench
+.PHONY: install install-test install-gguf demo test lint bench bench-gguf
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,7 @@ BENCH_ARGS ?= --axolotl
 bench: install
 	$(BIN)/pip install -q -e ".[test,bench]"
 	$(BIN)/python bench/run.py --sizes $(SIZES) $(BENCH_ARGS)
+
+# GGUF end to end at 1.1B: qlora-merge --gguf q8_0/q4_k_m against PEFT merge + llama.cpp's converter + quantizer.
+bench-gguf: install-gguf
+	$(BIN)/python bench/gguf_bench.py $(BENCH_ARGS)

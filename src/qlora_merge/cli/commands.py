@@ -175,6 +175,8 @@ def _header(args: argparse.Namespace, adapters: Adapters, log: StageLog, err: Te
 
 def verify_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     """`qlora-merge verify`: exit 0 when the merged checkpoint is base + adapter, 3 when it is not."""
+    if any(a == "--gguf" or a.startswith("--gguf=") for a in argv):
+        return _verify_gguf_command(argv, out, err)
     parser = verify_parser()
     args = parser.parse_args(argv)
     configure_logging(args.debug, err)
@@ -191,6 +193,22 @@ def verify_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     if code == EXIT_BAD_INPUT or not args.logits:
         return code
     return _compare_logits(args, adapters[0][0], options, code, log, err, json_out)
+
+
+def _verify_gguf_command(argv: list[str], out: TextIO, err: TextIO) -> int:
+    """`qlora-merge verify --gguf FILE`: llama.cpp's logits against transformers' (--merged) or PEFT's."""
+    from ..errors import MergeError
+    from ..verification.gguf import verify_gguf
+    from .parser import verify_gguf_parser
+
+    args = verify_gguf_parser().parse_args(argv)
+    try:
+        report = verify_gguf(args.gguf, merged=args.merged, base=args.base, adapter=args.adapter)
+    except MergeError as error:
+        print(f"qlora-merge: {error}", file=err)
+        return EXIT_BAD_INPUT
+    print(report.line(), file=out)
+    return 0 if report.ok else EXIT_NOT_VERIFIED
 
 
 def _compare_logits(

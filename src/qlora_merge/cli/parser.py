@@ -271,6 +271,19 @@ def verify_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def verify_gguf_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="qlora-merge verify --gguf",
+        description="Run a GGUF with llama.cpp and compare its logits with transformers' on the merged model "
+        "(--merged) or PEFT's base + unmerged adapter (--base, --adapter); exit 3 if they differ.",
+    )
+    parser.add_argument("--gguf", required=True, help="the .gguf file to check")
+    parser.add_argument("--merged", default=None, help="the merged model directory the GGUF was made from")
+    parser.add_argument("--base", default=None, help="without --merged: the base model")
+    parser.add_argument("--adapter", default=None, help="without --merged: the adapter")
+    return parser
+
+
 def inspect_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="qlora-merge inspect",
