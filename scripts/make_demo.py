@@ -10,25 +10,26 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
+    PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
 
 VOCAB_SIZE = 1024
-BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 BASE_SEED = 0
 ADAPTER_SEED = 1
 # A second, smaller adapter on the attention only, for the several-adapters example: (r, alpha, targets, seed).
@@ -67,36 +68,50 @@ CORPUS = [
 ]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on the in-script corpus and wrap it for ``transformers``."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=1,
-        special_tokens=[BOS, EOS, PAD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer=trainer)
-    bos_id = tokenizer.token_to_id(BOS)
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A",
-        pair=f"{BOS} $A {BOS} $B",
-        special_tokens=[(BOS, bos_id)],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
-    )
+def train_sentencepiece() -> bytes:
+    """A SentencePiece BPE model, as Llama ships (byte fallback, identity normalisation, ``<unk>``/``<s>``/``</s>``/
+    ``<pad>`` = 0/1/2/3), trained on the in-script corpus: the same bytes on every run (one thread, seeded).
+
+    SentencePiece, not a home-made byte-level BPE: llama.cpp's converter reads ``tokenizer.model`` directly, while a
+    BPE tokenizer it has no pre-tokenizer hash for is refused, so the demo would not convert to GGUF."""
+    import sentencepiece as spm
+
+    sentences = [s for paragraph in CORPUS for s in re.split(r"(?<=[.?!])\s+", paragraph) if s]
+    if hasattr(spm, "set_random_generator_seed"):
+        spm.set_random_generator_seed(0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=VOCAB_SIZE, model_type="bpe",
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2,
+    )  # fmt: skip
+    return model.getvalue()
 
 
-def build_base(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+def save_tokenizer(base_dir: Path) -> PreTrainedTokenizerBase:
+    """Write ``tokenizer.model`` and, converted from it by transformers, ``tokenizer.json`` with the chat template.
+
+    Both files ship: llama.cpp's converter reads ``tokenizer.model``, and transformers v5 writes none on save; the
+    fast tokenizer loads without sentencepiece (or the protobuf its conversion needs)."""
+    (base_dir / "tokenizer.model").write_bytes(train_sentencepiece())
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False}
+    (base_dir / "tokenizer_config.json").write_text(json.dumps(config | SPECIAL_TOKENS))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 512
+    tokenizer.save_pretrained(base_dir)
+    # transformers 5 records its backend, where it loaded from, and the special tokens again as a list (transformers 4
+    # wants a dict there); the generic class loads from tokenizer.json alone, under transformers 4 and 5.
+    tokenizer_config_path = base_dir / "tokenizer_config.json"
+    saved = json.loads(tokenizer_config_path.read_text())
+    for key in ("is_local", "local_files_only", "backend", "extra_special_tokens"):
+        saved.pop(key, None)
+    saved["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+def build_base(tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
     """Build the randomly initialised bfloat16 base model."""
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
@@ -123,18 +138,12 @@ def build_base(tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     return model
 
 
-def save_base(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, base_dir: Path) -> None:
-    """Save the base model as exactly ``NUM_SHARDS`` safetensors shards plus the tokenizer."""
+def save_base(model: LlamaForCausalLM, base_dir: Path) -> None:
+    """Save the base model as exactly ``NUM_SHARDS`` safetensors shards beside the tokenizer."""
     sizes = [p.numel() * p.element_size() for p in model.state_dict().values()]
     # Greedy sharding: a limit of half the total plus the largest tensor yields exactly two shards.
     max_shard_size = sum(sizes) // NUM_SHARDS + 1 + max(sizes)
     model.save_pretrained(base_dir, max_shard_size=max_shard_size, safe_serialization=True)
-    tokenizer.save_pretrained(base_dir)
-    # transformers 5 records its own backend class name; the generic name also loads under transformers 4.
-    tokenizer_config_path = base_dir / "tokenizer_config.json"
-    tokenizer_config = json.loads(tokenizer_config_path.read_text())
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
     shards = sorted(base_dir.glob("*.safetensors"))
     if len(shards) != NUM_SHARDS or not (base_dir / "model.safetensors.index.json").is_file():
         raise RuntimeError(f"expected {NUM_SHARDS} shards and an index in {base_dir}, got {shards}")
@@ -209,8 +218,8 @@ def main() -> None:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
 
-    tokenizer = build_tokenizer()
-    save_base(build_base(tokenizer), tokenizer, base_dir)
+    tokenizer = save_tokenizer(base_dir)
+    save_base(build_base(tokenizer), base_dir)
     build_adapter(base_dir, adapter_dir)
     build_adapter(base_dir, second_dir, *SECOND_ADAPTER)
     for directory in (adapter_dir, second_dir):

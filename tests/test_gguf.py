@@ -58,6 +58,7 @@ from qlora_merge.gguf import (
 from qlora_merge.gguf import export as convert_module
 from qlora_merge.gguf.staged import export_staged, gguf_bytes, preflight_merge
 
+DEMO = Path(__file__).parent.parent / "examples" / "tiny-llama"
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(
     not HAVE_LLAMA_CPP,
@@ -533,18 +534,52 @@ def test_merge_with_gguf_writes_the_files_beside_the_merge(
     assert code == 0 and (out / "tiny-llama-f32.gguf").is_file()
 
 
-def test_merge_with_gguf_refuses_an_unknown_tokenizer_before_merging(tmp_path: Path, converter: Converter) -> None:
-    """The demo's home-made BPE tokenizer: refused by the vocab-only preflight, one line, nothing written."""
+@needs_llama_cpp
+def test_the_bundled_demo_merges_straight_to_q8_0(tmp_path: Path, converter: Converter) -> None:
+    """The README's demo with --gguf q8_0, offline: its SentencePiece tokenizer converts, llama.cpp tokenizes as
+    the merged model's tokenizer does, and its logits pass verify --gguf against PEFT's unmerged model."""
+    from transformers import AutoTokenizer
+
     from qlora_merge.cli import main
 
-    demo = Path(__file__).parent.parent / "examples" / "tiny-llama"
+    out = tmp_path / "tiny-llama"
+    argv = ["--base", str(DEMO / "base"), "--adapter", str(DEMO / "adapter"), "--output", str(out)]
+    stderr = io.StringIO()
+    code = main([*argv, "--gguf", "q8_0", "--llama-cpp", str(converter.root)], out=io.StringIO(), err=stderr)
+    assert code == 0, stderr.getvalue()
+    gguf = out / "tiny-llama-q8_0.gguf"
+    assert file_type(gguf) == "Q8_0"
+    assert (out / "tokenizer.model").read_bytes() == (DEMO / "base" / "tokenizer.model").read_bytes()
+
+    prompt = "Why do rivers bend? The lighthouse keeper climbed 1234 stairs."
+    expected = AutoTokenizer.from_pretrained(out)(prompt)["input_ids"]
+    assert llama_cpp_model(gguf).tokenize(prompt.encode(), add_bos=True) == expected
+
+    stdout = io.StringIO()
+    against_peft = ["--base", str(DEMO / "base"), "--adapter", str(DEMO / "adapter")]
+    assert main(["verify", "--gguf", str(gguf), *against_peft], out=stdout, err=stderr) == 0, stderr.getvalue()
+    assert stdout.getvalue().startswith("GGUF ok: Q8_0")
+
+
+def test_merge_with_gguf_refuses_an_unknown_tokenizer_before_merging(tmp_path: Path, converter: Converter) -> None:
+    """A base whose byte-level BPE tokenizer llama.cpp has no pre-tokenizer hash for (as the demo had before it got
+    a SentencePiece one): refused by the vocab-only preflight, one line, nothing written."""
+    from qlora_merge.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(DEMO / "base", base)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (base / name).unlink()
+    bpe = home_made_bpe(tmp_path / "bpe")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(bpe / name, base / name)
     out = tmp_path / "out"
-    argv = ["--base", str(demo / "base"), "--adapter", str(demo / "adapter"), "--output", str(out)]
+    argv = ["--base", str(base), "--adapter", str(DEMO / "adapter"), "--output", str(out)]
     stderr = io.StringIO()
     code = main([*argv, "--gguf", "q8_0", "--llama-cpp", str(converter.root)], out=io.StringIO(), err=stderr)
     assert code == 2, stderr.getvalue()
     assert stderr.getvalue().count("\n") == 1 and "BPE pre-tokenizer is not one llama.cpp knows" in stderr.getvalue()
-    assert str(demo / "base") in stderr.getvalue()
+    assert str(base) in stderr.getvalue()
     assert not out.exists()
 
 
