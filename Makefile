@@ -11,11 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned: on these machines that pin is a local CPU wheel; unpinned, pip pulls GBs of CUDA wheels.
-# The install is editable, so only a changed pyproject.toml needs pip again: a stamp in the venv records each one.
+# The install is editable, so only a changed pyproject.toml (or the compiled fused merge step, setup.py and
+# fused.c) needs pip again: a stamp in the venv records each one.
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml setup.py src/qlora_merge/merging/fused.c | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .
 	touch $@

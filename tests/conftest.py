@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 # huggingface_hub reads these once, at import, and module-scoped fixtures import it (through transformers) before
@@ -15,6 +16,11 @@ os.environ["HF_HOME"] = _HUB_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HUB_HOME, "hub")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.pop("HF_TOKEN", None)
+
+# A shell without job control starts background commands (`make test &`) with SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler, in this process or in the CLIs the tests start: the Ctrl-C tests need it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -20,6 +20,7 @@ from ..outputs.sink import Sink
 from ..plan.tasks import Action, BiasUpdate, ExpertUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
 from .blocking import BlockingCheck, ExpertCheck
 from .checks import ValueCheck
+from .fused import FUSED
 from .variants import (
     MIN_BLOCK_ROWS,
     Layout,
@@ -305,12 +306,34 @@ def _merge(task: TensorTask, step: int | None, io: _Streams) -> None:
     cols = task.output.shape[1]
     assert step is not None
     round_to = DTYPES[task.held_dtype][0] if update.round_delta else None
+    out_dtype = DTYPES[task.output.dtype][0]
+    fused = (
+        magnitude is None
+        and round_to is None
+        and not update.transposed
+        and compute == torch.float32
+        and FUSED.available(DTYPES[task.held_dtype][0], out_dtype)
+    )
     for start, stop, weight in _weight_rows(task, step, io):
         n = stop - start
         scratch = io.workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
-        delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch)
+        delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch, scale=not fused)
+        if fused:
+            _fused_write(weight, delta, update.scaling, task, io)
+            continue
         block_magnitude = magnitude[start:stop] if magnitude is not None else None
         _add_round_write(weight, delta, task, round_to, block_magnitude, io)
+
+
+def _fused_write(weight: torch.Tensor, product: torch.Tensor, scaling: float, task: TensorTask, io: _Streams) -> None:
+    """W + scaling * product for a block of rows in one pass (merging/fused.c), value-checked and written. Only a
+    block with a NaN or an infinity pays for the float32 sum again, to tell float16 overflow from the rest."""
+    out_dtype, out_size = DTYPES[task.output.dtype]
+    raw = io.workspace.take("output", weight.numel() * out_size)
+    merged = raw.view(out_dtype).view(weight.shape)
+    if FUSED.run(weight, product, scaling, merged):
+        io.check.block(merged, (product * scaling).add_(weight.float()))
+    io.write(raw)
 
 
 def _add_round_write(

@@ -179,9 +179,17 @@ def conv_merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling:
 
 
 def linear_delta_rows(
-    a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool, start: int, stop: int, scratch: torch.Tensor
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    start: int,
+    stop: int,
+    scratch: torch.Tensor,
+    scale: bool = True,
 ) -> torch.Tensor:
-    """Rows [start, stop) of the weight's delta, scaling * (B @ A) (transposed for (in, out) weights), in `scratch`.
+    """Rows [start, stop) of the weight's delta, scaling * (B @ A) (transposed for (in, out) weights), in `scratch`;
+    with `scale` False, B @ A unscaled (the fused merge multiplies by `scaling` itself, in the same pass as the add).
 
     A short block borrows rows before it so that every product has at least MIN_BLOCK_ROWS rows: MKL's sgemm
     picks another kernel for very short row blocks, whose float32 sums differ from the whole product's.
@@ -193,7 +201,8 @@ def linear_delta_rows(
         product = torch.mm(b, a[:, lo:stop], out=scratch[: b.shape[0] * n].view(b.shape[0], n))
     else:
         product = torch.mm(b[lo:stop], a, out=scratch[: n * a.shape[1]].view(n, a.shape[1]))
-    product.mul_(scaling)
+    if scale:
+        product.mul_(scaling)
     return (product.T if transposed else product)[start - lo :]
 
 
