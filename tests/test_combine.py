@@ -16,9 +16,10 @@ import pytest
 import torch
 from factories import assert_same_tensors, make_adapter, make_base, read_tensors
 
-from qlora_merge import merge, publishing, verify
-from qlora_merge.cli import adapter_refs, commands, main
+from qlora_merge import api, merge, publishing, verify
+from qlora_merge.cli import adapter_refs, main
 from qlora_merge.errors import MergeError, ShapeMismatch, UnsupportedAdapter
+from qlora_merge.outputs import upload
 from qlora_merge.outputs.upload import UploadError, UploadResult, split_repo_ref
 
 
@@ -355,7 +356,7 @@ def test_push_to_hub_after_the_merge(llama: dict[str, Path], tmp_path: Path, mon
         return UploadResult(repo_id, f"https://hub/{repo_id}/commit/1", "1", 5, 100, True, kwargs["revision"])
 
     monkeypatch.setattr(publishing, "push_to_hub", fake_push)  # with --verify: publishing.push_verified pushes
-    monkeypatch.setattr(commands, "check_push", lambda ref, token=None: split_repo_ref(ref))  # the hub is offline here
+    monkeypatch.setattr(upload, "check_push", lambda ref, token=None: split_repo_ref(ref))  # the hub is offline here
     flags = ("--base", llama["base16"], "--adapter", llama["a"], "--output", tmp_path / "m")
     code, out, err = run_cli(
         *flags, "--verify", "--push-to-hub", "me/merged@f16", "--private", "--json", "--hf-token", "t"
@@ -370,7 +371,7 @@ def test_push_to_hub_after_the_merge(llama: dict[str, Path], tmp_path: Path, mon
     def failing_push(folder: Path, repo_id: str, **kwargs: Any) -> UploadResult:
         raise UploadError(f"{repo_id}: not logged in to the hub: pass --hf-token or set HF_TOKEN")
 
-    monkeypatch.setattr(commands, "push_to_hub", failing_push)
+    monkeypatch.setattr(upload, "push_to_hub", failing_push)
     code, out, err = run_cli(*flags, "--overwrite", "--push-to-hub", "me/merged")
     assert code == 2 and "not logged in" in err and "only the upload failed" in err
     assert (tmp_path / "m" / "config.json").is_file() and "Done." not in out
@@ -387,7 +388,7 @@ def test_a_push_that_cannot_happen_fails_before_the_merge(
     llama: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, why: str
 ) -> None:
     """Offline, or a bad repo id or branch: one line before anything is read or written, not after the merge."""
-    monkeypatch.setattr(commands, "merge", lambda *args, **kwargs: pytest.fail("the merge must not start"))
+    monkeypatch.setattr(api, "merge", lambda *args, **kwargs: pytest.fail("the merge must not start"))
     code, out, err = run_cli(
         "--base", llama["base16"], "--adapter", llama["a"], "--output", tmp_path / "m", "--push-to-hub", target
     )

@@ -263,7 +263,9 @@ def test_make_install_skips_pip_when_the_venv_is_current(tmp_path: Path) -> None
     if shutil.which("make") is None:
         pytest.fail("make is needed to check the Makefile")
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for name in ("pyproject.toml", "setup.py", "src/qlora_merge/merging/fused.c"):  # what the install stamp follows
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / "venv" / "bin").mkdir(parents=True)
     (tmp_path / "venv" / "bin" / "python").write_text("")
 

@@ -114,3 +114,44 @@ def test_merge_with_and_without_the_kernel_writes_the_same_bytes(
         for name in ("model.safetensors",):
             ours = (tmp_path / f"fused-{dtype}" / name).read_bytes()
             assert ours == (tmp_path / f"torch-{dtype}" / name).read_bytes()
+
+
+def test_two_threads_and_the_sinks_own_buffers_change_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights of several 1M-element blocks: the helper thread computes some of them, the blocks are computed
+    straight into the writer's pieces, and the files equal those of one thread and of the torch sequence."""
+    import threading
+
+    from tiny_checkpoints import llama_checkpoint
+
+    from qlora_merge import MergeOptions, merge
+    from qlora_merge.outputs.safetensors import SafetensorsSink
+
+    base, adapter = llama_checkpoint(tmp_path / "model", hidden=1024, intermediate=3072, layers=1, rank=16)
+    threads: set[str] = set()
+    real_run = FUSED.run
+
+    def recording(*args: object) -> int:
+        threads.add(threading.current_thread().name)
+        return real_run(*args)  # type: ignore[arg-type]
+
+    commits: list[int] = []
+    real_commit = SafetensorsSink.commit
+
+    def committing(self: SafetensorsSink, nbytes: int) -> None:
+        commits.append(nbytes)
+        real_commit(self, nbytes)
+
+    monkeypatch.setattr(FUSED, "run", recording)
+    monkeypatch.setattr(SafetensorsSink, "commit", committing)
+    merge(str(base), str(adapter), tmp_path / "two", MergeOptions(dtype="bf16"))
+    assert any(name.startswith("qlora-merge-arithmetic") for name in threads), threads
+    assert sum(commits) > 10 << 20, "most merged bytes were computed in the writer's own pieces"
+    monkeypatch.setenv("QLORA_MERGE_THREADS", "1")
+    threads.clear()
+    merge(str(base), str(adapter), tmp_path / "one", MergeOptions(dtype="bf16"))
+    assert threads == {"MainThread"}
+    monkeypatch.setattr(fused.FUSED, "available", lambda weight, out: False)
+    merge(str(base), str(adapter), tmp_path / "torch", MergeOptions(dtype="bf16"))
+    two = (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert two == (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert two == (tmp_path / "torch" / "model.safetensors").read_bytes()

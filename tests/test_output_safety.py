@@ -546,14 +546,15 @@ def test_ctrl_c_after_the_merge_says_the_output_is_complete(
 ) -> None:
     """--verify and --push-to-hub run after the merge has published its output: a Ctrl-C there must not claim that
     nothing was written."""
-    from qlora_merge.cli import commands
+    from qlora_merge import api
+    from qlora_merge.outputs import upload
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(commands, "verify", interrupted)
-    monkeypatch.setattr(commands, "check_push", lambda repo, token: (repo, None))
-    monkeypatch.setattr(commands, "push_to_hub", interrupted)
+    monkeypatch.setattr(api, "verify", interrupted)  # the CLI takes them from their modules when it runs
+    monkeypatch.setattr(upload, "check_push", lambda repo, token: (repo, None))
+    monkeypatch.setattr(upload, "push_to_hub", interrupted)
     extra = ["--verify"] if step == "--verify" else ["--push-to-hub", "someone/merged"]
     output = tmp_path / "out"
     code, err = run_cli(*small, output, *extra)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from .dtypes import canonical_dtype
 from .errors import MergeError
-from .merging.combination import Combination
+
+
+class Combination(enum.Enum):
+    """How several adapters become one, as PEFT's `add_weighted_adapter` combines them (merging/combination.py)."""
+
+    CAT = "cat"  # the exact weighted sum of the deltas: ranks stacked, sum(w_i * s_i * B_i @ A_i)
+    LINEAR = "linear"  # PEFT's "linear": factors averaged, (sum c_i B_i) @ (sum c_i A_i), cross terms included
+
 
 COMBINATIONS = tuple(c.value for c in Combination)
 # --base-quant: merge into dequant(Q(W)), the base a QLoRA adapter was trained against ("none": into W itself)

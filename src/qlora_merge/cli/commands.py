@@ -8,19 +8,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from ..api import MergeResult, merge, verify
-from ..axolotl import read_axolotl_config
-from ..inputs.base_choice import default_base
-from ..inputs.resolve import with_revision
-from ..inspection import inspect_adapter
 from ..options import MergeOptions
-from ..outputs.upload import UploadResult, check_push, push_to_hub
 from ..progress import ignore_progress
-from ..publishing import NotVerified, failure_summary, push_verified
-from ..verification.logits import compare_logits
-from ..verification.tensors import VerifyReport
 from .display import StageLog, describe, peak_rss_gb
 from .guard import EXIT_BAD_INPUT, EXIT_NOT_VERIFIED, configure_logging, guarded
 from .parser import (
@@ -35,6 +26,11 @@ from .parser import (
     setup_gguf_parser,
     verify_parser,
 )
+
+if TYPE_CHECKING:
+    from ..api import MergeResult
+    from ..outputs.upload import UploadResult
+    from ..verification.tensors import VerifyReport
 
 Adapters = list[tuple[str, float]]
 
@@ -62,6 +58,12 @@ def merge_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.debug, err)
     check_merge_flags(parser, args)
+    # The merge's modules, torch among them, load once the flags are known good: --help and a bad flag answer
+    # without them (about a second).
+    from ..api import merge
+    from ..axolotl import read_axolotl_config
+    from ..outputs.upload import check_push
+
     config = None
     if args.config is not None:
         code, config = guarded(lambda: read_axolotl_config(args.config, **config_overrides(args)), args.debug, err)
@@ -112,6 +114,9 @@ def _after_merge(
 ) -> int:
     """--verify, then --push-to-hub (repo id and branch in `target`): only a verified merge is uploaded, as
     publishing.push_verified has it. Their outcome goes into `report`."""
+    from ..outputs.upload import push_to_hub
+    from ..publishing import NotVerified, push_verified
+
     if target is None:
         if not args.verify:
             return 0
@@ -154,6 +159,8 @@ def _after_merge(
 def _header(args: argparse.Namespace, adapters: Adapters, log: StageLog, err: TextIO, *lines: str) -> int:
     """The header, unless --json: the base, the adapters, then `lines`. Without --base, the base the adapters name
     is taken (and said where from), and set on `args`. Returns 0, or the exit code when no base can be taken."""
+    from ..inputs.base_choice import default_base
+
     base_line = f"base    : {args.base}"
     if args.base is None:
         code, named = guarded(
@@ -221,6 +228,9 @@ def _compare_logits(
     json_out: TextIO | None,
 ) -> int:
     """`verify --logits`, after the tensors' verdict (`tensors_code`): the merged model's logits against PEFT's."""
+    from ..inputs.resolve import with_revision
+    from ..verification.logits import compare_logits
+
     base = with_revision(args.base, options.revision)
     pinned = with_revision(adapter, options.adapter_revision, "--adapter-revision")
     code, logits = guarded(
@@ -256,6 +266,8 @@ def inspect_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     if args.quant_error is not None and args.base is None:
         inspect_parser().error("--quant-error needs --base (the full-precision base to measure)")
     configure_logging(args.debug, err)
+    from ..inspection import inspect_adapter
+
     code, report = guarded(
         lambda: inspect_adapter(
             args.adapter, args.base, loader=args.loader, hf_token=args.hf_token, quant_error=args.quant_error
@@ -333,6 +345,8 @@ def _verify_and_report(
     """verify() with the options of the merge (or of `verify`'s flags); its verdict shown as `_show_verdict` shows
     it. Returns the exit code. `completed`: the merge that just wrote `merged` (--verify), so that a Ctrl-C says
     the output is complete."""
+    from ..api import verify
+
     code, report = guarded(lambda: verify(args.base, adapters, merged, options), args.debug, err, completed)
     if report is None:
         return code
@@ -342,6 +356,8 @@ def _verify_and_report(
 def _show_verdict(report: VerifyReport, as_json: bool, log: StageLog, err: TextIO, json_out: TextIO | None) -> int:
     """The verdict goes to the log (or the report as JSON to `json_out`; nothing with --json otherwise), a failure
     to stderr as one line. Returns the exit code: 0, or 3 when the merge is not base + adapter."""
+    from ..publishing import failure_summary
+
     if json_out is not None:
         print(json.dumps(report.to_dict(), indent=2), file=json_out)
     elif not as_json:

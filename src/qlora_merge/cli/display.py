@@ -9,14 +9,13 @@ import resource
 import sys
 from typing import TYPE_CHECKING, TextIO
 
-from ..api import MergeResult
-from ..inspection import AdapterReport
 from ..progress import ProgressEvent, human_bytes
-from ..publishing import failure_summary
-from ..verification.tensors import VerifyReport
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the merge's modules (and torch) load when a command runs, not for --help or a bad flag
+    from ..api import MergeResult
+    from ..inspection import AdapterReport
     from ..quant_error import QuantErrorReport
+    from ..verification.tensors import VerifyReport
 
 STAGE_TEXT = {
     "base": ("Loading base model (streaming: headers only, no model class)", "Base model indexed"),
@@ -99,6 +98,8 @@ class StageLog:
                 f"({report.tensors_merged} merged), no LoRA keys left"
             )
         else:
+            from ..publishing import failure_summary
+
             self.line(f"{self.mark('fail')} Not verified: {failure_summary(report)}")
 
     def merged(self, result: MergeResult) -> None:

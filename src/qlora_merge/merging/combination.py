@@ -4,17 +4,13 @@ combined adapter is read, is adapter/combine.py's and adapter/weights.py's busin
 
 from __future__ import annotations
 
-import enum
 import math
 
 import torch
 
+from ..options import Combination
 
-class Combination(enum.Enum):
-    """How several adapters become one, as PEFT's `add_weighted_adapter` combines them."""
-
-    CAT = "cat"  # the exact weighted sum of the deltas: ranks stacked, sum(w_i * s_i * B_i @ A_i)
-    LINEAR = "linear"  # PEFT's "linear": factors averaged, (sum c_i B_i) @ (sum c_i A_i), cross terms included
+__all__ = ["Combination", "combined_factor", "linear_coefficients", "weighted_alpha"]
 
 
 def weighted_alpha(alpha: float, weight: float) -> float:

@@ -4,8 +4,11 @@ tensor a run of bytes."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -40,6 +43,8 @@ from .variants import (
 
 # Converting dtypes goes in pieces of this many bytes so a 1 GB embedding never sits in memory whole.
 CONVERT_CHUNK_BYTES = 8 << 20
+# LoRA merges read and write this many blocks of rows at a time, shared out between the cores that compute them.
+PAIRED_BLOCKS = 2
 
 TensorDone = Callable[[TensorTask, int], None]
 # Adapter tensors (a modules_to_save replacement, a trainable-tokens delta) are always safetensors.
@@ -115,8 +120,9 @@ def run_plan(
     tensors through `reader`. `check` counts NaN, infinite and overflowing values in every block computed (raw
     copies are not decoded); its caller judges them.
 
-    The arithmetic runs on one torch thread while the other core reads ahead and writes: torch's second thread
-    on 1M-element blocks gains ~12% on an idle machine but made a 3B merge ~3x slower on a busy one.
+    Torch runs on one thread: its second thread on 1M-element blocks gained ~12% on an idle machine but made a 3B
+    merge ~3x slower on a busy one. The second core comes in as a helper thread computing every other block of a
+    LoRA merge (`_fused_blocks`), while the reader and writer threads mostly wait on the disk.
     """
     check = check or ValueCheck()
     threads = torch.get_num_threads()
@@ -128,8 +134,8 @@ def run_plan(
         workspace = Workspace()
         deltas = ExpertDeltas(reader)
         sink.start([task.output for task in plan.tasks])
-        with ReadAhead(list(_input_ranges(plan, source, steps))) as ahead:
-            io = _Streams(source, reader, ahead, sink, workspace, check)
+        with ReadAhead(list(_input_ranges(plan, source, steps))) as ahead, _helper() as helper:
+            io = _Streams(source, reader, ahead, sink, workspace, check, helper)
             for task in plan.tasks:
                 sink.begin(task.output.name)
                 raw = source.raw(task.source) if task.action is Action.COPY and task.source is not None else None
@@ -161,6 +167,7 @@ class _Streams:
     sink: Sink
     workspace: Workspace
     check: ValueCheck
+    helper: Executor | None = None  # a thread that computes blocks on the second core
 
     def elements(self, entry: TensorEntry, start: int, stop: int, source: Source) -> torch.Tensor:
         """Elements [start, stop) of `entry`, 1-D, through the read-ahead (in the order _input_ranges announced)."""
@@ -169,6 +176,34 @@ class _Streams:
 
     def write(self, raw: torch.Tensor) -> None:
         self.sink.write(memoryview(raw.numpy()))
+
+    def output(self, nbytes: int) -> tuple[torch.Tensor, bool]:
+        """A uint8 buffer for the current tensor's next `nbytes` bytes: the sink's own space where it offers it
+        (True: commit() it once filled), else a reused one to write()."""
+        claim = getattr(self.sink, "claim", None)
+        space = claim(nbytes) if claim is not None else None
+        if space is None:
+            return self.workspace.take("output", nbytes), False
+        return torch.frombuffer(space, dtype=torch.uint8), True
+
+    def commit(self, raw: torch.Tensor, claimed: bool) -> None:
+        if claimed:
+            self.sink.commit(raw.numel())  # type: ignore[attr-defined]
+        else:
+            self.write(raw)
+
+
+@contextmanager
+def _helper() -> Iterator[Executor | None]:
+    """A second arithmetic thread where this process may run on two cores or more (QLORA_MERGE_THREADS=1: not),
+    else None."""
+    if len(os.sched_getaffinity(0)) < 2 or os.environ.get("QLORA_MERGE_THREADS", "2") == "1":
+        yield None
+        return
+    # torch's thread count is per thread for OpenMP: left at its default, the helper's products would each start
+    # a team of threads that spin on the cores the merge needs (user time doubled, wall time up 50%).
+    with ThreadPoolExecutor(1, "qlora-merge-arithmetic", initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield pool
 
 
 @contextmanager
@@ -224,7 +259,7 @@ def _input_ranges(plan: MergePlan, source: Source, steps: dict[str, int]) -> Ite
             tensor, rows_from = _rows_source(task, source)
             if isinstance(tensor, TensorEntry):
                 cols = task.output.shape[1]
-                for start, stop in _row_blocks(task, steps[task.output.name]):
+                for start, stop in _row_blocks(task, _io_rows(task, steps[task.output.name])):
                     yield from rows_from.reads(tensor, start * cols, stop * cols)
 
 
@@ -234,6 +269,13 @@ def _convert_chunks(entry: TensorEntry) -> Iterator[tuple[int, int]]:
     step = max(CONVERT_CHUNK_BYTES // DTYPES[entry.dtype][1], 1)
     for start in range(0, numel, step):
         yield start, min(numel, start + step)
+
+
+def _io_rows(task: TensorTask, step: int) -> int:
+    """Rows read and written at a time for a task computed in blocks of `step` rows: a LoRA merge takes
+    PAIRED_BLOCKS blocks at once, so that two cores can compute them side by side; the blocks themselves, and so
+    the bits, are the same as one at a time."""
+    return step * PAIRED_BLOCKS if isinstance(task.update, LoraUpdate) else step
 
 
 def _row_blocks(task: TensorTask, step: int) -> Iterator[tuple[int, int]]:
@@ -314,26 +356,69 @@ def _merge(task: TensorTask, step: int | None, io: _Streams) -> None:
         and compute == torch.float32
         and FUSED.available(DTYPES[task.held_dtype][0], out_dtype)
     )
-    for start, stop, weight in _weight_rows(task, step, io):
-        n = stop - start
-        scratch = io.workspace.take("scratch", max(n, MIN_BLOCK_ROWS) * cols * compute.itemsize).view(compute)
-        delta = linear_delta_rows(a, b, update.scaling, update.transposed, start, stop, scratch, scale=not fused)
+    for start, stop, rows in _weight_rows(task, _io_rows(task, step), io):
         if fused:
-            _fused_write(weight, delta, update.scaling, task, io)
+            _fused_blocks(a, b, update.scaling, start, stop, step, rows, task, io)
             continue
-        block_magnitude = magnitude[start:stop] if magnitude is not None else None
-        _add_round_write(weight, delta, task, round_to, block_magnitude, io)
+        for first in range(start, stop, step):
+            last = min(stop, first + step)
+            weight = rows[first - start : last - start]
+            nbytes = max(last - first, MIN_BLOCK_ROWS) * cols * compute.itemsize
+            scratch = io.workspace.take("scratch", nbytes).view(compute)
+            delta = linear_delta_rows(a, b, update.scaling, update.transposed, first, last, scratch)
+            block_magnitude = magnitude[first:last] if magnitude is not None else None
+            _add_round_write(weight, delta, task, round_to, block_magnitude, io)
 
 
-def _fused_write(weight: torch.Tensor, product: torch.Tensor, scaling: float, task: TensorTask, io: _Streams) -> None:
-    """W + scaling * product for a block of rows in one pass (merging/fused.c), value-checked and written. Only a
-    block with a NaN or an infinity pays for the float32 sum again, to tell float16 overflow from the rest."""
+def _fused_blocks(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    start: int,
+    stop: int,
+    step: int,
+    rows: torch.Tensor,
+    task: TensorTask,
+    io: _Streams,
+) -> None:
+    """W + scaling * (B @ A) for rows [start, stop) of a weight, in blocks of `step` rows: each block's product
+    (torch.mm), then the sum, rounding and value count in one pass (merging/fused.c). With a helper thread the
+    second block is computed on the other core meanwhile; both calls release the GIL. Only a block with a NaN or
+    an infinity pays for the float32 sum again, to tell float16 overflow from the rest."""
     out_dtype, out_size = DTYPES[task.output.dtype]
-    raw = io.workspace.take("output", weight.numel() * out_size)
-    merged = raw.view(out_dtype).view(weight.shape)
-    if FUSED.run(weight, product, scaling, merged):
-        io.check.block(merged, (product * scaling).add_(weight.float()))
-    io.write(raw)
+    cols = rows.shape[1]
+    raw, claimed = io.output(rows.numel() * out_size)
+    merged = raw.view(out_dtype).view(rows.shape)
+    blocks = [(first, min(stop, first + step)) for first in range(start, stop, step)]
+    scratches = [
+        io.workspace.take(f"scratch{i}", max(last - first, MIN_BLOCK_ROWS) * cols * 4).view(torch.float32)
+        for i, (first, last) in enumerate(blocks)
+    ]
+
+    def compute(i: int) -> tuple[int, torch.Tensor]:
+        first, last = blocks[i]
+        product = linear_delta_rows(a, b, scaling, False, first, last, scratches[i], scale=False)
+        block = slice(first - start, last - start)
+        return FUSED.run(rows[block], product, scaling, merged[block]), product
+
+    results: dict[int, tuple[int, torch.Tensor]] = {}
+    claims = itertools.count()  # both threads take the next block from it: the helper shares its core with the
+    # reader and the writer, so a fixed half each would leave the main thread waiting for it
+
+    def work() -> None:
+        while (i := next(claims)) < len(blocks):
+            results[i] = compute(i)
+
+    helped = io.helper.submit(work) if io.helper is not None and len(blocks) > 1 else None
+    work()
+    if helped is not None:
+        helped.result()
+    for i, (first, last) in enumerate(blocks):
+        nonfinite, product = results[i]
+        if nonfinite:
+            weight = rows[first - start : last - start]
+            io.check.block(merged[first - start : last - start], (product * scaling).add_(weight.float()))
+    io.commit(raw, claimed)
 
 
 def _add_round_write(

@@ -112,6 +112,26 @@ class SafetensorsSink:
         self._remaining -= len(view)
         self.bytes_written += len(view)
 
+    def claim(self, nbytes: int) -> memoryview | None:
+        """The current tensor's next `nbytes` bytes, as writable space in the piece being filled, where it has that
+        much room (else None: write() them): the merge computes into it, saving a copy of every merged byte. Not to
+        be used after commit()."""
+        if nbytes > self._remaining:
+            raise RuntimeError("more bytes claimed than the tensor holds")
+        file, pieces = self._current()
+        space = file.space(pieces)
+        if len(space) < nbytes:
+            space.release()
+            return None
+        return space[:nbytes]
+
+    def commit(self, nbytes: int) -> None:
+        """The `nbytes` bytes claimed last are filled: they are the tensor's next bytes."""
+        file, pieces = self._current()
+        file.advance(nbytes, pieces)
+        self._remaining -= nbytes
+        self.bytes_written += nbytes
+
     def copy_from(self, src_fd: int, offset: int, count: int, source: Path) -> None:
         """Copy bytes of another file (`source`, for messages): read straight into the output piece."""
         if count > self._remaining:

@@ -4,8 +4,11 @@ A sink is told the whole layout first (every output tensor's name, dtype and sha
 that writes its header first (safetensors, GGUF) can; it decides its own files, shards and byte sizes. Then, per
 tensor: `begin(name)`, its values in row-major order as raw bytes of its dtype (`write`), or, where the
 source's bytes already are those values, a byte range of an input file to copy as it is (`copy_from`); `end()`.
-`finish()` completes the output and checks what was written; `abort()` stops after a failure (the caller removes
-the staging directory). The safetensors writer is one sink; verify's comparing sink is another.
+A sink may also offer `claim(nbytes)`, writable space in its own buffer for the current tensor's next bytes
+(or None), and `commit(nbytes)` once they are filled: the merge then computes straight into it instead of handing
+its bytes to `write`. `finish()` completes the output and checks what was written; `abort()` stops after a
+failure (the caller removes the staging directory). The safetensors writer is one sink; verify's comparing sink
+is another.
 """
 
 from __future__ import annotations
