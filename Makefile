@@ -47,7 +47,7 @@ test: lint install-gguf
 # Benchmark: generates checkpoints under /tmp/qlora-bench (cached), sets up axolotl in its own venv there, runs
 # floors, ours, PEFT and axolotl, prints tables, writes bench/results/*.json and bench/plot.png.
 # SIZES=1b,3b,8b make bench; BENCH_ARGS="--axolotl --cold" for cold input; BENCH_ARGS= leaves axolotl out.
-SIZES ?= 1b,3b
+SIZES ?= 8b
 BENCH_ARGS ?= --axolotl
 bench: install
 	$(BIN)/pip install -q -e ".[test,bench]"

@@ -3,10 +3,13 @@
 ``write DEST SIZE...`` writes one file per SIZE (bytes) into DEST with ``O_DIRECT`` from a
 page-aligned ``mmap`` buffer and fsyncs it: the cost of putting that many bytes on the disk with no
 page cache involved. ``read FILE...`` reads the files with ``O_DIRECT``: a cold-read floor, since
-direct reads bypass the (warm) page cache. Prints a one-line JSON summary.
+direct reads bypass the (warm) page cache. ``readwrite DEST FILE...`` does both at once, reading the files on one
+thread while writing files of their sizes on another: the floor of a merge of cold input, which must read the base
+from the disk and write the same bytes back. Prints a one-line JSON summary.
 
 Usage: python bench/floors.py write OUTDIR 1999832976 200286872
        python bench/floors.py read SHARD...
+       python bench/floors.py readwrite OUTDIR SHARD...
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import mmap
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -86,6 +90,18 @@ def run_read(files: list[Path]) -> int:
     return sum(read_direct(path, buffer) for path in files)
 
 
+def run_read_write(dest: Path, files: list[Path]) -> int:
+    """Read `files` on a thread while writing files of their sizes into `dest`; return the bytes read + written."""
+    read: list[int] = []
+    reader = threading.Thread(target=lambda: read.append(run_read(files)))
+    reader.start()
+    written = run_write(dest, [path.stat().st_size for path in files])
+    reader.join()
+    if not read:
+        raise RuntimeError("the read half failed")
+    return read[0] + written
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modes = parser.add_subparsers(dest="mode", required=True)
@@ -94,13 +110,21 @@ def parse_args() -> argparse.Namespace:
     write.add_argument("sizes", type=int, nargs="+")
     read = modes.add_parser("read", help="O_DIRECT read of the given files")
     read.add_argument("files", type=Path, nargs="+")
+    both = modes.add_parser("readwrite", help="O_DIRECT read of the files while writing files of their sizes")
+    both.add_argument("dest", type=Path)
+    both.add_argument("files", type=Path, nargs="+")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     started = time.perf_counter()
-    total = run_write(args.dest, args.sizes) if args.mode == "write" else run_read(args.files)
+    if args.mode == "write":
+        total = run_write(args.dest, args.sizes)
+    elif args.mode == "read":
+        total = run_read(args.files)
+    else:
+        total = run_read_write(args.dest, args.files)
     elapsed = time.perf_counter() - started
     print(json.dumps({"mode": args.mode, "bytes": total, "seconds": round(elapsed, 3)}))
 

@@ -2,7 +2,8 @@
 
 Reads one or more JSON files written by ``run.py``; a size measured in several files takes its numbers
 from the last file given. Each point is a tool's fastest successful run at that size (with that run's
-peak RSS). Floors (``cp``, direct-I/O write and read) appear in the time panel only, dashed. Runs on
+peak RSS). Floors (``cp``, direct-I/O write, read, and both at once) and our start-up appear in the time panel
+only, dashed. Runs on
 cold input are labelled "(cold)". The runner calls this as a child process, so matplotlib never enters
 the runner's memory.
 
@@ -20,11 +21,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
 from matplotlib.ticker import FuncFormatter, LogLocator
-from tools import AXOLOTL, DIRECT_READ, DIRECT_WRITE, OURS, PEFT
+from tools import AXOLOTL, DIRECT_READ, DIRECT_READ_WRITE, DIRECT_WRITE, OURS, PEFT, STARTUP
 
 GB = 1e9
 BF16_BYTES = 2
-FLOORS = ("cp", DIRECT_WRITE, DIRECT_READ)
+FLOORS = ("cp", DIRECT_WRITE, DIRECT_READ, DIRECT_READ_WRITE, STARTUP)
 STYLES: dict[str, dict[str, object]] = {
     OURS: {"color": "#d62728", "linewidth": 2.5, "marker": "o", "zorder": 5},
     PEFT: {"color": "#1f77b4", "linewidth": 1.8, "marker": "s"},
@@ -32,6 +33,8 @@ STYLES: dict[str, dict[str, object]] = {
     "cp": {"color": "#7f7f7f", "linewidth": 1.2, "marker": ".", "linestyle": "--"},
     DIRECT_WRITE: {"color": "#9467bd", "linewidth": 1.2, "marker": ".", "linestyle": "--"},
     DIRECT_READ: {"color": "#8c564b", "linewidth": 1.2, "marker": ".", "linestyle": ":"},
+    DIRECT_READ_WRITE: {"color": "#e377c2", "linewidth": 1.2, "marker": ".", "linestyle": "--"},
+    STARTUP: {"color": "#bcbd22", "linewidth": 1.0, "marker": ".", "linestyle": ":"},
 }
 
 # Value labels: PEFT's below its points, the others above, so close peers (PEFT, axolotl) stay readable.

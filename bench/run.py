@@ -39,7 +39,19 @@ from pathlib import Path
 from measure import own_peak_rss_bytes, run_child
 from pagecache import make_cold
 from specs import QUANTIZED, SIZES, spec_of, spot_check_names
-from tools import AXOLOTL, BENCH_DIR, DIRECT_READ, DIRECT_WRITE, OURS, PEFT, Case, Tool, all_tools, child_env
+from tools import (
+    AXOLOTL,
+    BENCH_DIR,
+    DIRECT_READ_WRITE,
+    DIRECT_WRITE,
+    OURS,
+    PEFT,
+    STARTUP,
+    Case,
+    Tool,
+    all_tools,
+    child_env,
+)
 
 GB = 1e9
 # Warm reads reuse one small buffer: whatever the runner holds becomes every later child's RSS floor.
@@ -48,9 +60,11 @@ INDEX_NAME = "model.safetensors.index.json"
 RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_PLOT = BENCH_DIR / "plot.png"
 AXOLOTL_SETUP = BENCH_DIR / "setup_axolotl.sh"
-# Issue targets: warm, ours <= 1.3 x direct-write floor + 1.5 s; cold, ours <= 1.1 x direct-read floor.
-WARM_FLOOR_FACTOR, WARM_STARTUP_S, COLD_FLOOR_FACTOR = 1.3, 1.5, 1.1
-PEFT_SPEEDUP_TARGET, PEFT_SPEEDUP_SIZES, RSS_TARGET_BYTES = 10.0, ("3b", "8b"), 0.6e9
+# Issue 15's targets: warm, ours <= 1.15 x the direct-write floor (plus our start-up at 1.1B, where it is a large
+# share); cold, ours <= 1.15 x reading the base and writing the same bytes at once, both O_DIRECT; faster than cp at
+# every size; peak RSS <= 0.5 GB. Issue 2's: PEFT/ours >= 10x from 3B up.
+FLOOR_FACTOR, STARTUP_ALLOWANCE_SIZES = 1.15, ("1b",)
+PEFT_SPEEDUP_TARGET, PEFT_SPEEDUP_SIZES, RSS_TARGET_BYTES = 10.0, ("3b", "8b"), 0.5e9
 
 
 @dataclass(frozen=True)
@@ -217,21 +231,21 @@ def ratio(numerator: Run | None, denominator: Run | None) -> str:
 
 
 def reference_floor(cold: bool) -> str:
-    """The floor a run is judged against: direct-read for cold input, direct-write for warm input."""
-    return DIRECT_READ if cold else DIRECT_WRITE
+    """The floor a run is judged against: reading and writing at once for cold input, writing for warm input."""
+    return DIRECT_READ_WRITE if cold else DIRECT_WRITE
 
 
 def print_table(case: Case, tools: list[Tool], runs: dict[str, list[Run]], cold: bool) -> None:
-    """One row per tool: best wall, its peak RSS, throughput, PEFT wall / wall, wall / cp, wall / reference floor."""
-    floor_name = reference_floor(cold)
-    peft, cp, floor = (best(runs.get(name, [])) for name in (PEFT, "cp", floor_name))
-    header = ("tool", "wall s", "peak RSS GB", "GB/s", "PEFT/tool", "tool/cp", f"tool/{floor_name}", "note")
+    """One row per tool: best wall, its peak RSS, throughput, PEFT wall / wall, and wall over cp, the direct-write
+    floor and the direct read + write floor."""
+    peft, cp, write, both = (best(runs.get(name, [])) for name in (PEFT, "cp", DIRECT_WRITE, DIRECT_READ_WRITE))
+    header = ("tool", "wall s", "peak RSS GB", "GB/s", "PEFT/tool", "tool/cp", "tool/write", "tool/read+write", "note")
     rows: list[tuple[str, ...]] = [header]
     for tool in tools:
         tool_runs = runs[tool.name]
         fastest = best(tool_runs)
         if fastest is None:
-            rows.append((tool.name, "-", "-", "-", "-", "-", "-", f"FAILED: {tool_runs[-1].error}"))
+            rows.append((tool.name, "-", "-", "-", "-", "-", "-", "-", f"FAILED: {tool_runs[-1].error}"))
             continue
         note = "all: " + ", ".join(f"{run.wall_s:.2f}" if run.ok else "failed" for run in tool_runs)
         rows.append(
@@ -242,7 +256,8 @@ def print_table(case: Case, tools: list[Tool], runs: dict[str, list[Run]], cold:
                 f"{case.shard_bytes / GB / fastest.wall_s:.2f}",
                 ratio(peft, fastest),
                 ratio(fastest, cp),
-                ratio(fastest, floor),
+                ratio(fastest, write),
+                ratio(fastest, both),
                 note if len(tool_runs) > 1 else "",
             )
         )
@@ -253,20 +268,26 @@ def print_table(case: Case, tools: list[Tool], runs: dict[str, list[Run]], cold:
 
 
 def targets(size: str, runs: dict[str, list[Run]], cold: bool) -> list[dict[str, object]]:
-    """The issue's targets for our merge, each with the measured value and whether it is met (None: n/a here)."""
+    """The issues' targets for our merge, each with the measured value and whether it is met (None: n/a here)."""
     ours = best(runs.get(OURS, []))
     if ours is None:
         return []
     checks: list[dict[str, object]] = []
-    floor = best(runs.get(reference_floor(cold), []))
+    floor_name = reference_floor(cold)
+    floor = best(runs.get(floor_name, []))
     if floor is not None:
-        if cold:
-            limit = COLD_FLOOR_FACTOR * floor.wall_s
-            rule = f"<= {COLD_FLOOR_FACTOR} x direct-read {floor.wall_s:.2f} s = {limit:.2f} s"
-        else:
-            limit = WARM_FLOOR_FACTOR * floor.wall_s + WARM_STARTUP_S
-            rule = f"<= {WARM_FLOOR_FACTOR} x direct-write {floor.wall_s:.2f} s + {WARM_STARTUP_S} s = {limit:.2f} s"
+        limit = FLOOR_FACTOR * floor.wall_s
+        rule = f"<= {FLOOR_FACTOR} x {floor_name} {floor.wall_s:.2f} s"
+        startup = best(runs.get(STARTUP, []))
+        if size in STARTUP_ALLOWANCE_SIZES and startup is not None:
+            limit += startup.wall_s
+            rule += f" + start-up {startup.wall_s:.2f} s"
+        rule += f" = {limit:.2f} s"
         checks.append({"target": f"wall {rule}", "value": f"{ours.wall_s:.2f} s", "met": ours.wall_s <= limit})
+    cp = best(runs.get("cp", []))
+    if cp is not None:
+        faster = ours.wall_s < cp.wall_s
+        checks.append({"target": f"faster than cp {cp.wall_s:.2f} s", "value": f"{ours.wall_s:.2f} s", "met": faster})
     peft = best(runs.get(PEFT, []))
     if peft is not None and not cold:
         speedup = peft.wall_s / ours.wall_s
@@ -412,7 +433,7 @@ def print_eviction(check: dict, preparations: list[dict]) -> None:
         methods = sorted({item["method"] for item in preparations})
         print(
             f"cold input: {' / '.join(methods)} before every tool; at most {worst['resident_bytes'] / GB:.3f} of "
-            f"{worst['bytes'] / GB:.2f} GB input resident at a tool's start; reference floor: direct-read"
+            f"{worst['bytes'] / GB:.2f} GB input resident at a tool's start; reference floor: direct-read+write"
         )
 
 
@@ -434,7 +455,7 @@ def positive(text: str) -> int:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=size_list, default=["1b", "3b"], help=f"comma-separated, of {','.join(SIZES)}")
+    parser.add_argument("--sizes", type=size_list, default=["8b"], help=f"comma-separated, of {','.join(SIZES)}")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qlora-bench"))
     parser.add_argument("--repeats", type=positive, default=1, help="runs per tool; the table shows the best")
     parser.add_argument(

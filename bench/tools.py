@@ -1,7 +1,8 @@
 """The benchmarked tools: how to invoke each one on a case, and where its merged checkpoint lands.
 
 Every tool is a separate child process run on the same warm input files. Floors (``cp``, direct-I/O
-write, direct-I/O read) bound what any merge can achieve; merges produce a checkpoint that the runner
+write, direct-I/O read, and both at once) bound what any merge can achieve; ``start-up`` is our CLI's dry run (all a
+merge does before writing); merges produce a checkpoint that the runner
 spot-checks against PEFT's.
 """
 
@@ -29,6 +30,8 @@ PEFT = "peft"
 AXOLOTL = "axolotl"
 DIRECT_WRITE = "direct-write"
 DIRECT_READ = "direct-read"
+DIRECT_READ_WRITE = "direct-read+write"
+STARTUP = "start-up"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,16 @@ def direct_write_command(case: Case, out: Path) -> list[str]:
 def direct_read_command(case: Case, out: Path) -> list[str]:
     """Cold-read floor: O_DIRECT read of the shards."""
     return [sys.executable, str(BENCH_DIR / "floors.py"), "read", *map(str, case.shards)]
+
+
+def direct_read_write_command(case: Case, out: Path) -> list[str]:
+    """Cold floor: O_DIRECT read of the shards while writing files of their sizes, at once."""
+    return [sys.executable, str(BENCH_DIR / "floors.py"), "readwrite", str(out), *map(str, case.shards)]
+
+
+def startup_command(case: Case, out: Path) -> list[str]:
+    """Our start-up: the CLI up to the first byte a merge writes (imports, adapter, headers, plan), as --dry-run."""
+    return [*ours_command(case, out), "--dry-run"]
 
 
 def ours_command(case: Case, out: Path) -> list[str]:
@@ -172,6 +185,8 @@ def all_tools(axolotl_python: Path | None, config_dir: Path, quantized: bool = F
         Tool("cp", is_merge=False, command=cp_command, precreate_output=True),
         Tool(DIRECT_WRITE, is_merge=False, command=direct_write_command),
         Tool(DIRECT_READ, is_merge=False, command=direct_read_command),
+        Tool(DIRECT_READ_WRITE, is_merge=False, command=direct_read_write_command),
+        Tool(STARTUP, is_merge=False, command=startup_command, env=ours_env()),
         Tool(OURS, is_merge=True, command=ours_command, env=ours_env()),
         Tool(PEFT, is_merge=True, command=peft_command),
     ]
