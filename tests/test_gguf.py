@@ -224,6 +224,21 @@ def test_k_quant_loads_and_reports_its_file_type(converted: dict[str, Path], ref
 
 
 @needs_llama_cpp
+def test_verify_gguf_passes_a_k_quant_on_finite_logits_and_reports_its_difference(
+    converted: dict[str, Path], merged: Path
+) -> None:
+    """K-quants have no tolerance of their own (their error depends on the weights): verify --gguf passes one whose
+    logits are all finite and reports the difference; the line names the file type."""
+    from qlora_merge.verification.gguf import verify_gguf
+
+    report = verify_gguf(converted["q4_k_m"], merged=merged)
+    assert report.ok
+    line = report.line()
+    assert line.startswith("GGUF ok: Q4_K - Medium") and "max logit difference" in line, line
+    assert line.endswith("(finite logits only)")
+
+
+@needs_llama_cpp
 def test_llama_cpp_tokenizes_as_sentencepiece(converted: dict[str, Path], merged: Path) -> None:
     """The vocabulary went through: llama.cpp's tokenizer of the GGUF gives SentencePiece's own ids."""
     import sentencepiece as spm

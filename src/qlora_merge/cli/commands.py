@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from ..inputs.prefetch import prefetch_base
 from ..options import MergeOptions
 from ..progress import ignore_progress
 from .display import StageLog, describe, peak_rss_gb
@@ -59,7 +60,9 @@ def merge_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     configure_logging(args.debug, err)
     check_merge_flags(parser, args)
     # The merge's modules, torch among them, load once the flags are known good: --help and a bad flag answer
-    # without them (about a second).
+    # without them (about a second). Meanwhile the disk starts on a local base (a cold one waits on it).
+    if not args.dry_run and args.config is None:
+        prefetch_base(args.base)
     from ..api import merge
     from ..axolotl import read_axolotl_config
     from ..outputs.upload import check_push

@@ -231,6 +231,8 @@ def verify_parser() -> argparse.ArgumentParser:
         prog="qlora-merge verify",
         description="Prove a merge took: derive every tensor of the merged checkpoint again from base and adapter "
         "(streaming, flat memory) and compare them byte for byte; no LoRA key may remain.",
+        epilog="a GGUF: `qlora-merge verify --gguf FILE --merged DIR` (or --base B --adapter A) compares llama.cpp's "
+        "logits of it with transformers' (see `qlora-merge verify --gguf FILE --help`)",
     )
     parser.add_argument(
         "--base", default=None, help="local path or HF repo id of the base model (default: the one the adapter names)"
