@@ -39,7 +39,7 @@ from factories import make_adapter
 from safetensors.torch import load_file, save_file
 
 from qlora_merge import merge
-from qlora_merge.errors import InputNotFound, MissingDependency, NonFiniteValues, OutputError
+from qlora_merge.errors import InputNotFound, MergeError, MissingDependency, NonFiniteValues, OutputError
 from qlora_merge.gguf import (
     ConversionError,
     Converter,
@@ -596,6 +596,60 @@ def test_merge_with_gguf_refuses_an_unknown_tokenizer_before_merging(tmp_path: P
     assert stderr.getvalue().count("\n") == 1 and "BPE pre-tokenizer is not one llama.cpp knows" in stderr.getvalue()
     assert str(base) in stderr.getvalue()
     assert not out.exists()
+
+
+# -- the adapter itself as a GGUF LoRA (llama.cpp's runtime --lora) --------------------------------------------------
+
+
+@needs_llama_cpp
+def test_the_adapter_as_a_gguf_lora_on_the_base_gguf_gives_the_merges_logits(
+    merged: Path, converter: Converter, reference_logits: torch.Tensor, tmp_path: Path
+) -> None:
+    """`qlora-merge gguf-lora`: llama.cpp loads the base's f32 GGUF with the adapter's f32 GGUF LoRA applied at run
+    time, and its logits match transformers' on our merge as closely as the merge's own f32 GGUF does."""
+    import llama_cpp
+    import numpy as np
+
+    from qlora_merge.cli import main
+
+    base, adapter = merged.parent / "base", merged.parent / "adapter"
+    (base_gguf,) = convert(base, "f32", tmp_path, name="base", converter=converter)
+    lora = tmp_path / "adapter-f32.gguf"
+    argv = ["gguf-lora", "--adapter", str(adapter), "--base", str(base), "--output", str(lora), "--type", "f32"]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert main([*argv, "--llama-cpp", str(converter.root)], out=stdout, err=stderr) == 0, stderr.getvalue()
+    assert stdout.getvalue().startswith(f"{lora}  (LoRA, f32,")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
+    model = llama_cpp.Llama(
+        model_path=str(base_gguf.path), lora_path=str(lora), logits_all=True, verbose=False, n_ctx=64, n_threads=2,
+        seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )  # fmt: skip
+    model.eval(TOKENS)
+    got = torch.from_numpy(np.array(model.scores[: len(TOKENS)], dtype=np.float64))
+    worst = float((got - reference_logits).abs().max() / reference_logits.abs().max())
+    without = llama_cpp_logits(base_gguf.path)
+    print(f"base + GGUF LoRA vs merge: {worst:.3g}; base alone: {float((without - reference_logits).abs().max()):.3g}")
+    assert worst <= TOLERANCES["f32"][0]
+    assert (without - reference_logits).abs().max() > 100 * (got - reference_logits).abs().max(), "the LoRA applied"
+
+    code = main([*argv, "--llama-cpp", str(converter.root)], out=io.StringIO(), err=stderr)
+    assert code == 2 and "exists" in stderr.getvalue()
+
+
+def test_gguf_lora_refuses_a_pickled_adapter_before_running_anything(tmp_path: Path) -> None:
+    from qlora_merge.gguf import export_lora
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "someone/model"}))
+    (adapter / "adapter_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(MergeError, match=r"adapter_model\.bin is not converted"):
+        export_lora(adapter, tmp_path / "a.gguf", converter=tmp_path / "nowhere")
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(MergeError, match="pass --base DIR"):
+        export_lora(adapter, tmp_path / "a.gguf", converter=tmp_path / "nowhere")
+    with pytest.raises(MergeError, match="a GGUF LoRA is one of"):
+        export_lora(adapter, tmp_path / "a.gguf", gguf_type="q4_k_m")
 
 
 def test_gguf_flags_are_checked(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from .parser import (
     build_parser,
     check_merge_flags,
     config_overrides,
+    gguf_lora_parser,
     gguf_parser,
     inspect_parser,
     merge_settings,
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         return inspect_command(argv[1:], out, err)
     if argv[:1] == ["gguf"]:
         return gguf_command(argv[1:], out, err)
+    if argv[:1] == ["gguf-lora"]:
+        return gguf_lora_command(argv[1:], out, err)
     if argv[:1] == ["setup-gguf"]:
         return setup_gguf_command(argv[1:], out, err)
     return merge_command(argv, out, err)
@@ -319,6 +322,32 @@ def gguf_command(argv: list[str], out: TextIO, err: TextIO) -> int:
     else:
         for f in files:
             print(f"{f.path}  ({f.gguf_type}, {f.bytes / 1e6:.1f} MB, {f.seconds:.0f}s)", file=out)
+    return 0
+
+
+def gguf_lora_command(argv: list[str], out: TextIO, err: TextIO) -> int:
+    """`qlora-merge gguf-lora --adapter A --output F`: the adapter as a GGUF LoRA for llama.cpp's --lora."""
+    args = gguf_lora_parser().parse_args(argv)
+    configure_logging(args.debug, err)
+    from ..gguf import export_lora
+
+    code, written = guarded(
+        lambda: export_lora(
+            args.adapter,
+            args.output,
+            args.base,
+            gguf_type=args.type,
+            converter=args.llama_cpp,
+            overwrite=args.overwrite,
+        ),
+        args.debug,
+        err,
+    )
+    if written is None:
+        return code
+    print(
+        f"{written.path}  (LoRA, {written.gguf_type}, {written.bytes / 1e6:.1f} MB, {written.seconds:.0f}s)", file=out
+    )
     return 0
 
 

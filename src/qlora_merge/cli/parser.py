@@ -24,7 +24,7 @@ USAGE = """qlora-merge [--base BASE] --adapter ADAPTER[:WEIGHT] ... --output OUT
        qlora-merge verify [--base BASE] --adapter ADAPTER --merged MERGED [options]
        qlora-merge inspect ADAPTER [--base BASE] [options]
        qlora-merge help [verify|inspect]"""
-SUBCOMMANDS = ("verify", "inspect", "gguf", "setup-gguf")
+SUBCOMMANDS = ("verify", "inspect", "gguf", "gguf-lora", "setup-gguf")
 # The flags that are MergeOptions fields, under the field's name (--max-shard-size is max_shard_size ...).
 OPTION_NAMES = tuple(field.name for field in dataclasses.fields(MergeOptions))
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge a LoRA adapter into its base model and write a standalone safetensors checkpoint. "
         "The base is streamed tensor by tensor: memory stays small whatever the model size.",
         epilog="other commands: `qlora-merge inspect ADAPTER [--base B]` describes an adapter and checks it fits a "
-        "base; `qlora-merge verify --base B --adapter A --merged M` proves a merge took (each has --help)",
+        "base; `qlora-merge verify --base B --adapter A --merged M` proves a merge took; `qlora-merge gguf MERGED "
+        "--types T` converts a merge to GGUF, `qlora-merge gguf-lora` the adapter itself (each has --help)",
     )
     parser.add_argument(
         "--config",
@@ -328,6 +329,24 @@ def gguf_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=None, help="quantizer threads (default: all cores)")
     _add_output_flags(parser, "print the files written as JSON")
+    return parser
+
+
+def gguf_lora_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="qlora-merge gguf-lora",
+        description="Write a LoRA adapter as a GGUF LoRA for llama.cpp's runtime --lora (llama.cpp's own "
+        "convert_lora_to_gguf.py), instead of merging it: one base GGUF, adapters switched at load time.",
+    )
+    parser.add_argument("--adapter", required=True, help="the local PEFT adapter directory (safetensors)")
+    parser.add_argument(
+        "--base", default=None, help="the base's local model directory, for its config.json (default: the adapter's)"
+    )
+    parser.add_argument("--output", required=True, help="the .gguf file to write")
+    parser.add_argument("--type", default="f16", choices=("f32", "f16", "bf16", "q8_0"), help="default: f16")
+    parser.add_argument("--llama-cpp", dest="llama_cpp", metavar="DIR", default=None, help="as for the merge")
+    parser.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     return parser
 
 

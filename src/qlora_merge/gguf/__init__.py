@@ -3,6 +3,7 @@
     from qlora_merge.gguf import convert, setup_converter
     setup_converter()                                   # once: llama.cpp's converter from llama-cpp-python's sdist
     convert("merged/", "f16,q8_0,q4_k_m")               # merged/merged-f16.gguf, ...-q8_0.gguf, ...-q4_k_m.gguf
+    export_lora("adapter/", "adapter-f16.gguf", base="base/")  # the adapter itself, for llama.cpp's --lora
 
 Needs `pip install "qlora-merge[gguf]"` (llama-cpp-python, pinned; sentencepiece for SentencePiece tokenizers).
 Nothing heavy is imported here.
@@ -21,6 +22,7 @@ from .export import (
     preflight_files,
     stored_float_type,
 )
+from .lora import LORA_TYPES, export_lora
 from .staged import export_staged, gguf_bytes, preflight_merge
 from .tools import (
     LLAMA_CPP_PYTHON_VERSION,
@@ -36,6 +38,7 @@ __all__ = [
     "ALL_TYPES",
     "CONVERTER_TYPES",
     "LLAMA_CPP_PYTHON_VERSION",
+    "LORA_TYPES",
     "QUANTIZER_TYPES",
     "ConversionError",
     "Converter",
@@ -45,6 +48,7 @@ __all__ = [
     "convert",
     "converter_reason",
     "default_converter_dir",
+    "export_lora",
     "export_staged",
     "f16_overflow",
     "find_converter",
