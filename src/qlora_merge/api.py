@@ -3,7 +3,6 @@ plan -> stream from the base's source through the LoRA math into a sink -> finis
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -14,23 +13,28 @@ from pathlib import Path
 from typing import Any
 
 from .describe import reshaped
-from .dtypes import OUTPUT_DTYPES, TORCH_DTYPE_NAMES, canonical_dtype
-from .errors import CheckpointFormatError, MergeError
+from .dtypes import OUTPUT_DTYPES, TORCH_DTYPE_NAMES
+from .errors import MergeError
 from .inputs.base_choice import default_base
-from .inputs.index import CheckpointIndex, open_checkpoint, open_merged
+from .inputs.index import open_merged
 from .inputs.opened import check_unchanged, opened_files
 from .inputs.reader import TensorReader
 from .inputs.resolve import with_revision
 from .interrupts import deferred_signals
 from .merging.checks import ValueCheck
 from .merging.stream import run_plan
-from .names import CONFIG_NAME
-from .options import COMBINATIONS, REQUANTIZE_TYPES, MergeOptions
-from .outputs.companions import add_quantization_config, output_config
+from .options import COMBINATIONS, MergeOptions
+from .outputs.companions import add_quantization_config
 from .outputs.finish import finish_output
 from .outputs.lock import output_lock
-from .outputs.requantize import RequantizeSink, quantization_config, quantized_weights, requantized_layout
-from .outputs.safetensors import SafetensorsSink, plan_shards
+from .outputs.requantize import (
+    output_layout,
+    output_sink,
+    quantization_config,
+    requantized_summary,
+    weights_to_quantize,
+)
+from .outputs.safetensors import plan_shards
 from .outputs.sink import Sink
 from .outputs.staging import (
     check_free_space,
@@ -42,17 +46,11 @@ from .outputs.staging import (
     remove_stale,
 )
 from .plan.coverage import CoverageRow
-from .plan.tasks import Action, OutputTensor, TensorTask
+from .plan.tasks import Action, TensorTask
 from .preparation import Inputs, prepare
 from .progress import ProgressCallback, ProgressEvent, ignore_progress
-from .verification.tensors import (
-    LORA_MARKERS,
-    ComparingSink,
-    VerifyReport,
-    check_against_plan,
-    check_directory,
-    expected_config,
-)
+from .verification.requantized import bitsandbytes_config, requantized_options, verify_requantized
+from .verification.tensors import VerifyReport, check_against_plan, check_directory, expected_config
 
 log = logging.getLogger(__name__)
 
@@ -145,16 +143,25 @@ def merge(
             remove_stale(output)  # under the lock: nothing else can be writing there now
         timings: dict[str, float] = {}
         inputs = prepare(base, refs, output, options, progress, timings)
-        converter = _gguf_preflight(inputs, options)
+        converter = None
+        if options.gguf and not options.dry_run:
+            # llama.cpp's converter checks the architecture and tokenizer the merge will write (vocab only, seconds)
+            from .gguf.staged import preflight_merge
+
+            converter = preflight_merge(inputs, options.dtype, options.gguf, options.llama_cpp)
         # which weights --requantize quantizes is planned too: a model it cannot write fails before any byte
-        quantized = _quantized_weights(inputs, options)
-        layout = _output_layout(inputs, options, quantized)
+        quantized = weights_to_quantize(inputs, options)
+        layout = output_layout(inputs, options, quantized)
         if options.dry_run:
             shards = [shard.file_name for shard in plan_shards(layout, options.max_shard_bytes)]
             planned = _result(inputs, output, options.dtype, shards, 0, timings, dry_run=True)
             return replace(planned, bytes_written=sum(tensor.nbytes for tensor in layout))
         replaceable = empty_directory(output)  # without --overwrite, the only thing the result may take the place of
-        extra = _gguf_bytes(inputs, options)
+        extra = 0
+        if options.gguf:
+            from .gguf.staged import gguf_bytes
+
+            extra = gguf_bytes(inputs.plan.output_bytes, options.dtype, options.gguf)
         check_free_space(output, inputs.plan.output_bytes + extra + sum(p.stat().st_size for p in inputs.companions))
         staging: Path | None = None
         gguf_files: list[str] = []
@@ -162,7 +169,7 @@ def merge(
             # A signal while the staging directory is being made is acted on once it is made and ours to discard.
             with deferred_signals():
                 staging, created = make_staging_dir(output)
-            sink = _sink(staging, options, quantized)
+            sink = output_sink(staging, options, quantized)
             total = sum(tensor.nbytes for tensor in layout)
             bytes_written, nonfinite = _write(inputs, sink, total, options.allow_nonfinite, progress, timings)
             started = time.perf_counter()
@@ -176,13 +183,15 @@ def merge(
                 base,
                 adapters,
                 options.checksum,
-                _requantized_summary(options, quantized),
+                requantized_summary(options, quantized),
             )
             if options.requantize is not None:
                 compute_dtype = TORCH_DTYPE_NAMES[OUTPUT_DTYPES[options.dtype]]
                 add_quantization_config(staging, quantization_config(options.requantize, compute_dtype))
             if options.gguf:
-                gguf_files = _export_gguf(staging, output, options, converter, progress, timings)
+                from .gguf.staged import export_merge
+
+                gguf_files = export_merge(staging, output.name, options, converter, progress, timings)
             publish(staging, output, overwrite=options.overwrite, replaceable=replaceable)
         except BaseException:
             if staging is not None:
@@ -219,9 +228,10 @@ def verify(
     the result (`ok` is False), not raised; inputs that cannot be read raise MergeError as for a merge.
     """
     options = MergeOptions.from_settings(options, settings)
-    quantization = _bitsandbytes_config(Path(merged))
+    quantization = bitsandbytes_config(Path(merged))
     if quantization is not None:
-        return _verify_requantized(base, adapter, Path(merged), options, quantization, progress)
+        options = requantized_options(Path(merged), quantization, options)
+        return verify_requantized(plan_merge(base, adapter, options, progress=progress), Path(merged), options)
     merged_index, merged_dtype = open_merged(Path(merged))
     dtype = {name: key for key, name in OUTPUT_DTYPES.items()}[merged_dtype]
     options = options.replace(dtype=dtype)
@@ -248,115 +258,6 @@ def plan_merge(
     options = MergeOptions.from_settings(options, settings)
     refs = _adapter_refs(adapter, options.adapter_revision)
     return prepare(_base_ref(base, refs, options), refs, None, options, progress, {}, headers_only=headers_only)
-
-
-def _quantized_weights(inputs: Inputs, options: MergeOptions) -> frozenset[str]:
-    """The output weights --requantize quantizes (those transformers would); none without it."""
-    if options.requantize is None:
-        return frozenset()
-    dtype_name = TORCH_DTYPE_NAMES[OUTPUT_DTYPES[options.dtype]]
-    config = output_config(inputs.base_config, dtype_name, inputs.plan.config_changes) if inputs.base_config else {}
-    quantized = quantized_weights(config, [task.output for task in inputs.plan.tasks])
-    log.info("--requantize %s: %d weights quantized", options.requantize, len(quantized))
-    return quantized
-
-
-def _output_layout(inputs: Inputs, options: MergeOptions, quantized: frozenset[str]) -> list[OutputTensor]:
-    """Every tensor the output files hold, in order: the plan's, with each quantized weight's 4-bit tensors."""
-    tensors = [task.output for task in inputs.plan.tasks]
-    if options.requantize is None:
-        return tensors
-    return requantized_layout(tensors, quantized, options.requantize)
-
-
-def _sink(staging: Path, options: MergeOptions, quantized: frozenset[str]) -> SafetensorsSink | RequantizeSink:
-    """The sink the options ask for: safetensors shards, through a 4-bit quantizer with --requantize."""
-    files = SafetensorsSink(staging, options.max_shard_bytes)
-    if options.requantize is None:
-        return files
-    return RequantizeSink(files, quantized, options.requantize)
-
-
-def _bitsandbytes_config(directory: Path) -> dict[str, Any] | None:
-    """The `quantization_config` of `directory`'s config.json if it is a bitsandbytes one, else None."""
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    quantization = config.get("quantization_config") if isinstance(config, dict) else None
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "bitsandbytes":
-        return quantization
-    return None
-
-
-def _verify_requantized(
-    base: str | Path | None,
-    adapter: AdapterRef | Sequence[AdapterRef],
-    merged: Path,
-    options: MergeOptions,
-    quantization: dict[str, Any],
-    progress: ProgressCallback,
-) -> VerifyReport:
-    """verify() of a --requantize output: the plan runs into the 4-bit quantizer, whose tensors are compared byte
-    for byte with the merged files (the quant states too: ours are padded to a fixed width, so only a checkpoint
-    this tool wrote verifies). Type and dtype come from its quantization_config, which must be the one
-    --requantize writes."""
-    quant_type = quantization.get("bnb_4bit_quant_type")
-    dtype_name = quantization.get("bnb_4bit_compute_dtype")
-    if quant_type not in REQUANTIZE_TYPES or dtype_name not in TORCH_DTYPE_NAMES.values():
-        raise CheckpointFormatError(f"{merged}: a bitsandbytes checkpoint that --requantize does not write")
-    if quantization != quantization_config(quant_type, dtype_name):
-        raise CheckpointFormatError(
-            f"{merged}: its bitsandbytes quantization_config is not the one --requantize writes (4-bit, double "
-            "quantization, uint8 storage); only a --requantize output can be verified against base + adapter"
-        )
-    options = options.replace(dtype=canonical_dtype(dtype_name), requantize=quant_type)
-    inputs = plan_merge(base, adapter, options, progress=progress)
-    quantized = _quantized_weights(inputs, options)
-    layout = _output_layout(inputs, options, quantized)
-    merged_index = open_checkpoint(merged)
-    comparing = ComparingSink(merged_index)
-    sink = RequantizeSink(comparing, quantized, quant_type)
-    with TensorReader() as reader:
-        try:
-            run_plan(inputs.plan, inputs.source, reader, sink, lambda task, written: None)
-            sink.finish()
-        finally:
-            sink.abort()
-    check_unchanged(opened_files(inputs.plan, merged_index))
-    report = _layout_report(inputs, layout, merged_index, comparing)
-    config = expected_config(inputs.base_config, dtype_name, inputs.plan.config_changes)
-    if config is not None:
-        config["quantization_config"] = quantization_config(quant_type, dtype_name)
-    return check_directory(report, merged_index, config)
-
-
-def _layout_report(
-    inputs: Inputs, layout: list[OutputTensor], merged: CheckpointIndex, sink: ComparingSink
-) -> VerifyReport:
-    """The verdict on every tensor of `layout` (as verification.tensors.check_against_plan gives it for a plan's):
-    compared by `sink`, each with the dtype and shape planned, and nothing else in the files."""
-    mismatched, details = list(sink.mismatched), dict(sink.details)
-    for tensor in layout:
-        entry = merged.tensors.get(tensor.name)
-        if entry is not None and (entry.dtype, entry.shape) != (tensor.dtype, tensor.shape):
-            details[tensor.name] = (
-                f"{entry.dtype}{list(entry.shape)} in the merged file, {tensor.dtype}{list(tensor.shape)} expected"
-            )
-            if tensor.name not in mismatched:
-                mismatched.append(tensor.name)
-    extra = sorted(set(merged.tensors) - {tensor.name for tensor in layout})
-    lora_keys = tuple(name for name in extra if any(marker in name for marker in LORA_MARKERS))
-    return VerifyReport(
-        merged=merged.root,
-        tensors_checked=len(layout),
-        tensors_merged=sum(1 for task in inputs.plan.tasks if task.update is not None),
-        mismatched=tuple(mismatched),
-        missing=tuple(sink.missing),
-        unexpected=tuple(name for name in extra if name not in lora_keys),
-        lora_keys=lora_keys,
-        details=details,
-    )
 
 
 def _base_ref(base: str | Path | None, adapters: list[tuple[str, float]], options: MergeOptions) -> str:
@@ -485,55 +386,3 @@ def _write(
         )
     )
     return sink.bytes_written, tuple(values.findings)
-
-
-def _requantized_summary(options: MergeOptions, quantized: frozenset[str]) -> str:
-    """How --requantize quantizes the output, in words for the card; "" without it."""
-    if options.requantize is None:
-        return ""
-    return f"bitsandbytes 4-bit {options.requantize}, double quantization, blocks of 64 ({len(quantized)} weights)"
-
-
-def _gguf_preflight(inputs: Inputs, options: MergeOptions) -> Any:
-    """With --gguf: llama.cpp's converter checks the architecture and tokenizer the merge will write (vocab only,
-    seconds), before any weight is merged; returns the converter to use. None without --gguf."""
-    if not options.gguf or options.dry_run:
-        return None
-    from .gguf.staged import preflight_merge
-
-    return preflight_merge(inputs, options.dtype, options.gguf, options.llama_cpp)
-
-
-def _gguf_bytes(inputs: Inputs, options: MergeOptions) -> int:
-    if not options.gguf:
-        return 0
-    from .gguf.staged import gguf_bytes
-
-    return gguf_bytes(inputs.plan.output_bytes, options.dtype, options.gguf)
-
-
-def _export_gguf(
-    staging: Path,
-    output: Path,
-    options: MergeOptions,
-    converter: Any,
-    progress: ProgressCallback,
-    timings: dict[str, float],
-) -> list[str]:
-    """The staged merge converted to `<output name>-<type>.gguf` beside it, before it is published."""
-    from .gguf.staged import export_staged
-
-    started = time.perf_counter()
-    progress(ProgressEvent("gguf", "start", ", ".join(options.gguf)))
-    files = export_staged(
-        staging,
-        output.name,
-        options.gguf,
-        converter=converter,
-        keep_safetensors=options.keep_safetensors,
-        allow_f16_overflow=options.allow_nonfinite,
-    )
-    timings["gguf"] = time.perf_counter() - started
-    names = [f.path.name for f in files]
-    progress(ProgressEvent("gguf", "done", ", ".join(names), elapsed=timings["gguf"]))
-    return names

@@ -17,17 +17,21 @@ from the memory-mapped shards.
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MergeError
+from ..progress import ProgressEvent
 from .export import GGUFFile, convert, preflight, stored_float_type
 from .tools import Converter
 from .types import parse_types
 
 if TYPE_CHECKING:
+    from ..options import MergeOptions
     from ..preparation import Inputs
+    from ..progress import ProgressCallback
 
 # Bits per weight of each type, rounded up (K-quant mixes keep some tensors at higher types): for the free-space
 # check before a merge. The float intermediate of a quantization is counted as its own type.
@@ -98,3 +102,29 @@ def export_staged(
         for path in [*staging.glob("*.safetensors"), staging / "model.safetensors.index.json"]:
             path.unlink(missing_ok=True)
     return files
+
+
+def export_merge(
+    staging: Path,
+    name: str,
+    options: MergeOptions,
+    converter: Converter | None,
+    progress: ProgressCallback,
+    timings: dict[str, float],
+) -> list[str]:
+    """`merge(..., gguf=...)`'s step: the staged merge converted to `<name>-<type>.gguf` beside it, before it is
+    published, with its progress events and timing; returns the file names."""
+    started = time.perf_counter()
+    progress(ProgressEvent("gguf", "start", ", ".join(options.gguf)))
+    files = export_staged(
+        staging,
+        name,
+        options.gguf,
+        converter=converter,
+        keep_safetensors=options.keep_safetensors,
+        allow_f16_overflow=options.allow_nonfinite,
+    )
+    timings["gguf"] = time.perf_counter() - started
+    names = [f.path.name for f in files]
+    progress(ProgressEvent("gguf", "done", ", ".join(names), elapsed=timings["gguf"]))
+    return names

@@ -34,16 +34,22 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import fourbit
-from ..dtypes import TORCH_DTYPE_NAMES
+from ..dtypes import OUTPUT_DTYPES, TORCH_DTYPE_NAMES
 from ..errors import CheckpointFormatError, MergeError, MissingDependency
 from ..inputs.format import DTYPES
 from ..plan.tasks import OutputTensor
+from .companions import output_config
+from .safetensors import SafetensorsSink
 from .sink import Sink
+
+if TYPE_CHECKING:
+    from ..options import MergeOptions
+    from ..preparation import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -370,3 +376,40 @@ class RequantizeSink:
         self._inner.begin(name)
         self._inner.write(memoryview(tensor.contiguous().numpy()).cast("B"))
         self._inner.end()
+
+
+# -- the merge's use of it: which weights, the layout, the sink, the card's words ----------------------------------
+
+
+def weights_to_quantize(inputs: Inputs, options: MergeOptions) -> frozenset[str]:
+    """The output weights --requantize quantizes (those transformers would); none without it."""
+    if options.requantize is None:
+        return frozenset()
+    dtype_name = TORCH_DTYPE_NAMES[OUTPUT_DTYPES[options.dtype]]
+    config = output_config(inputs.base_config, dtype_name, inputs.plan.config_changes) if inputs.base_config else {}
+    quantized = quantized_weights(config, [task.output for task in inputs.plan.tasks])
+    log.info("--requantize %s: %d weights quantized", options.requantize, len(quantized))
+    return quantized
+
+
+def output_layout(inputs: Inputs, options: MergeOptions, quantized: frozenset[str]) -> list[OutputTensor]:
+    """Every tensor the output files hold, in order: the plan's, with each quantized weight's 4-bit tensors."""
+    tensors = [task.output for task in inputs.plan.tasks]
+    if options.requantize is None:
+        return tensors
+    return requantized_layout(tensors, quantized, options.requantize)
+
+
+def output_sink(staging: Path, options: MergeOptions, quantized: frozenset[str]) -> SafetensorsSink | RequantizeSink:
+    """The sink the options ask for: safetensors shards, through a 4-bit quantizer with --requantize."""
+    files = SafetensorsSink(staging, options.max_shard_bytes)
+    if options.requantize is None:
+        return files
+    return RequantizeSink(files, quantized, options.requantize)
+
+
+def requantized_summary(options: MergeOptions, quantized: frozenset[str]) -> str:
+    """How --requantize quantizes the output, in words for the card; "" without it."""
+    if options.requantize is None:
+        return ""
+    return f"bitsandbytes 4-bit {options.requantize}, double quantization, blocks of 64 ({len(quantized)} weights)"
