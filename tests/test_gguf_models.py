@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -115,3 +116,99 @@ def test_verify_gguf_cli_passes_and_fails_on_another_merge(tmp_path: Path) -> No
     assert verify_command(["--gguf", str(two), "--merged", str(tmp_path / "out1")], out, err) == 3
     print(out.getvalue())
     assert "FAILED" in out.getvalue()
+
+
+# -- a BPE tokenizer the converter recognises by its hash: GPT-2's, rebuilt from llama.cpp's own vocabulary file ---
+
+
+def gpt2_vocabulary(directory: Path) -> Path:
+    """llama.cpp's vocab-only GGUF of GPT-2's tokenizer (models/ggml-vocab-gpt-2.gguf) and its test texts and token
+    ids (.inp/.out), from the llama-cpp-python sdist setup-gguf unpacks (cached by scripts/setup_llama_cpp.sh, else
+    downloaded from PyPI): a real tokenizer no registry package ships on its own."""
+    import os
+    import tarfile
+
+    from qlora_merge.gguf.tools import LLAMA_CPP_PYTHON_VERSION, _download_sdist
+
+    cache = Path(
+        os.environ.get("QLORA_MERGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "qlora-merge"
+    )
+    sdist = cache.expanduser() / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if not sdist.is_file():
+        sdist = _download_sdist(directory)
+    wanted = {f"ggml-vocab-gpt-2.gguf{suffix}" for suffix in ("", ".inp", ".out")}
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar.getmembers():
+            name = member.name.rsplit("/", 1)[-1]
+            if "/vendor/llama.cpp/models/" in member.name and name in wanted and member.isfile():
+                source = tar.extractfile(member)
+                assert source is not None
+                (directory / name).write_bytes(source.read())
+    return directory / "ggml-vocab-gpt-2.gguf"
+
+
+def gpt2_tokenizer(vocabulary: Path, directory: Path) -> Any:
+    """GPT-2's byte-level BPE tokenizer (tokenizer.json) rebuilt from the tokens and merges in `vocabulary`, read by
+    the converter's own gguf-py (in a child, so that it does not shadow anything here); saved into `directory`."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora_merge.gguf.tools import find_converter
+
+    code = (
+        "import sys, json, gguf; r = gguf.GGUFReader(sys.argv[1]); "
+        "print(json.dumps({k: r.fields['tokenizer.ggml.' + k].contents() for k in ('tokens', 'merges', 'pre')}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(find_converter().gguf_py)}
+    done = subprocess.run([sys.executable, "-c", code, str(vocabulary)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    fields = json.loads(done.stdout)
+    assert fields["pre"] == "gpt-2"
+    vocab = {token: i for i, token in enumerate(fields["tokens"])}
+    merges = [tuple(merge.split(" ")) for merge in fields["merges"]]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    special = "<|endoftext|>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=special, eos_token=special, unk_token=special)
+    fast.save_pretrained(directory)
+    return fast
+
+
+def test_a_bpe_tokenizer_the_converter_knows_converts_and_tokenizes_as_llama_cpp(tmp_path: Path) -> None:
+    """GPT-2's tokenizer on a tiny llama: the rebuilt tokenizer gives llama.cpp's expected ids on all of its own
+    test texts, the converter recognises its pre-tokenizer by hash ("gpt-2"), and the merged GGUF's logits and
+    tokenization match transformers'."""
+    import transformers
+
+    vocabulary = gpt2_vocabulary(tmp_path)
+    base = tmp_path / "base"
+    base.mkdir()
+    tokenizer = gpt2_tokenizer(vocabulary, base)
+    texts = (tmp_path / "ggml-vocab-gpt-2.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    expected_ids = (tmp_path / "ggml-vocab-gpt-2.gguf.out").read_text().split("\n")
+    cases = list(zip(texts, expected_ids, strict=False))
+    assert len(cases) > 40
+    for text, ids in cases:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == [int(i) for i in ids.split()], repr(text)
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**(COMMON | dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256)))
+    transformers.AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "adapter", "llama")
+    merge(base, adapter, tmp_path / "out", dtype="f32", gguf="f32")
+    (gguf,) = sorted((tmp_path / "out").glob("*.gguf"))
+    model = llama_cpp_model(gguf)
+    assert model.metadata["tokenizer.ggml.pre"] == "gpt-2"
+    text = "The lazy llamas merged 1234 adapters, didn't they? Äpfel 🦙"
+    assert model.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(text)["input_ids"]
+    expected = reference(tmp_path / "out")
+    diff = ((llama_cpp_logits(gguf) - expected).abs().max() / expected.abs().max()).item()
+    print(f"gpt-2 tokenizer on llama: f32 max diff / max logit = {diff:.3g}")
+    assert diff <= TOLERANCES["f32"][0]
