@@ -349,15 +349,10 @@ def _merge(task: TensorTask, step: int | None, io: _Streams) -> None:
     assert step is not None
     round_to = DTYPES[task.held_dtype][0] if update.round_delta else None
     out_dtype = DTYPES[task.output.dtype][0]
-    fused = (
-        magnitude is None
-        and round_to is None
-        and not update.transposed
-        and compute == torch.float32
-        and FUSED.available(DTYPES[task.held_dtype][0], out_dtype)
-    )
+    # What the compiled pass computes: a plain LoRA product added to W; the rest goes the torch way.
+    plain = magnitude is None and round_to is None and not update.transposed and compute == torch.float32
     for start, stop, rows in _weight_rows(task, _io_rows(task, step), io):
-        if fused:
+        if plain and FUSED.available(rows.dtype, out_dtype):  # the dtype of the rows as read, checked once per pair
             _fused_blocks(a, b, update.scaling, start, stop, step, rows, task, io)
             continue
         for first in range(start, stop, step):
