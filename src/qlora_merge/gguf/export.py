@@ -74,17 +74,29 @@ def _converter_env(converter: Converter) -> dict[str, str]:
     return env
 
 
-def _run_converter(converter: Converter, model_dir: Path, outfile: Path, arguments: Sequence[str]) -> None:
-    command = [sys.executable, str(converter.script), str(model_dir.resolve()), "--outfile", str(outfile.resolve())]
+def _run_converter(
+    converter: Converter,
+    model_dir: Path,
+    outfile: Path,
+    arguments: Sequence[str],
+    script: Path | None = None,
+    what: str = "converter",
+) -> None:
+    """llama.cpp's `script` (default: convert_hf_to_gguf.py) on `model_dir`, writing `outfile`; its refusal as one
+    line naming `model_dir` and `what` refused it."""
+    script = script or converter.script
+    command = [sys.executable, str(script), str(model_dir.resolve()), "--outfile", str(outfile.resolve())]
     command += arguments
     logger.debug("running %s", " ".join(command))
     done = subprocess.run(
         command, cwd=converter.root, env=_converter_env(converter), capture_output=True, text=True, check=False
     )
     for line in (done.stdout + done.stderr).splitlines():
-        logger.debug("convert_hf_to_gguf: %s", line)
+        logger.debug("%s: %s", script.stem, line)
     if done.returncode != 0:
-        raise ConversionError(f"{model_dir}: llama.cpp's converter refused it: {converter_reason(done.stderr)}")
+        raise ConversionError(f"{model_dir}: llama.cpp's {what} refused it: {converter_reason(done.stderr)}")
+    if not outfile.is_file():
+        raise ConversionError(f"{model_dir}: llama.cpp's {what} wrote no file")
 
 
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)|AssertionError)(?::\s*(.*))?$")

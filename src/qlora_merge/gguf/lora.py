@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ..errors import InputNotFound, OutputError
 from ..names import ADAPTER_CONFIG_NAME, CONFIG_NAME
-from .export import ConversionError, GGUFFile, _converter_env, _publish, _temp_path, converter_reason
+from .export import ConversionError, GGUFFile, _publish, _run_converter, _temp_path
 from .tools import Converter, find_converter
 
 logger = logging.getLogger(__name__)
@@ -79,18 +77,9 @@ def export_lora(
         raise InputNotFound(f"{script}: missing from llama.cpp's converter; run `qlora-merge setup-gguf --force`")
     started = time.perf_counter()
     temp = _temp_path(out.parent, out.name)
-    command = [sys.executable, str(script), "--base", str(base_dir.resolve()), "--outtype", gguf_type]
-    command += ["--outfile", str(temp.resolve()), str(adapter_dir.resolve())]
-    logger.debug("running %s", " ".join(command))
     try:
-        done = subprocess.run(
-            command, cwd=found.root, env=_converter_env(found), capture_output=True, text=True, check=False
-        )
-        for line in (done.stdout + done.stderr).splitlines():
-            logger.debug("convert_lora_to_gguf: %s", line)
-        if done.returncode != 0 or not temp.is_file():
-            reason = converter_reason(done.stderr) if done.returncode != 0 else "it wrote no file"
-            raise ConversionError(f"{adapter_dir}: llama.cpp's LoRA converter refused it: {reason}")
+        arguments = ["--base", str(base_dir.resolve()), "--outtype", gguf_type]
+        _run_converter(found, adapter_dir, temp, arguments, script=script, what="LoRA converter")
         _publish(temp, out)
     finally:
         temp.unlink(missing_ok=True)
