@@ -10,6 +10,7 @@ rest of the process. QLORA_MERGE_FUSED=0 turns it off.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
 import logging
 import os
@@ -21,9 +22,9 @@ log = logging.getLogger(__name__)
 
 _NAMES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 _VERSION = 1
-_UNSET = object()
 
 
+@functools.cache  # once per process: the library, or None for the torch sequence
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("QLORA_MERGE_FUSED", "1") == "0":
         return None
@@ -56,24 +57,22 @@ class FusedMerge:
     dtypes is not served by the compiled kernel (the caller runs the torch sequence)."""
 
     def __init__(self) -> None:
-        self._library: ctypes.CDLL | object | None = _UNSET
         self._trusted: dict[tuple[torch.dtype, torch.dtype], bool] = {}
 
     def available(self, weight: torch.dtype, out: torch.dtype) -> bool:
         key = (weight, out)
         if key not in self._trusted:
-            self._trusted[key] = self._function(weight, out) is not None and _self_test(self, weight, out)
-            if not self._trusted[key] and self._function(weight, out) is not None:
+            compiled = self._function(weight, out) is not None
+            self._trusted[key] = compiled and _self_test(self, weight, out)
+            if compiled and not self._trusted[key]:
                 log.info("the fused merge differs from torch for %s -> %s on this machine; merging with torch", *key)
         return self._trusted[key]
 
     def _function(self, weight: torch.dtype, out: torch.dtype) -> ctypes._CFuncPtr | None:
-        if self._library is _UNSET:
-            self._library = _load()
-        if self._library is None or weight not in _NAMES or out not in _NAMES:
+        library = _load()
+        if library is None or weight not in _NAMES or out not in _NAMES:
             return None
-        assert isinstance(self._library, ctypes.CDLL)
-        return getattr(self._library, f"qm_merge_{_NAMES[weight]}_{_NAMES[out]}")
+        return getattr(library, f"qm_merge_{_NAMES[weight]}_{_NAMES[out]}")
 
     def run(self, weight: torch.Tensor, delta: torch.Tensor, scale: float, out: torch.Tensor) -> int:
         """The kernel itself, unchecked: contiguous tensors of one length, delta float32. Returns how many of the
