@@ -4,11 +4,9 @@ tensor a run of bytes."""
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -21,9 +19,11 @@ from ..inputs.reader import ByteRange, ReadAhead, TensorReader
 from ..inputs.sources import SafetensorsSource, Source
 from ..outputs.sink import Sink
 from ..plan.tasks import Action, BiasUpdate, ExpertUpdate, LoraUpdate, MergePlan, TensorTask, TokenUpdate
-from .blocking import BlockingCheck, ExpertCheck
+from .blocking import BlockingCheck
 from .checks import ValueCheck
+from .expert_deltas import ExpertDeltas
 from .fused import FUSED
+from .twocore import arithmetic_helper, fused_blocks, io_rows
 from .variants import (
     MIN_BLOCK_ROWS,
     Layout,
@@ -32,8 +32,6 @@ from .variants import (
     dora_conv,
     dora_rows_into,
     dora_whole,
-    expert_delta,
-    expert_deltas_whole,
     factor_dtype,
     held_weight,
     linear_delta_rows,
@@ -43,8 +41,6 @@ from .variants import (
 
 # Converting dtypes goes in pieces of this many bytes so a 1 GB embedding never sits in memory whole.
 CONVERT_CHUNK_BYTES = 8 << 20
-# LoRA merges read and write this many blocks of rows at a time, shared out between the cores that compute them.
-PAIRED_BLOCKS = 2
 
 TensorDone = Callable[[TensorTask, int], None]
 # Adapter tensors (a modules_to_save replacement, a trainable-tokens delta) are always safetensors.
@@ -73,40 +69,6 @@ class Workspace:
         return buffer[:nbytes]
 
 
-class ExpertDeltas:
-    """One expert's delta at a time, for MoE LoRA (target_parameters): the factors of the last adapted parameter
-    and the last expert's delta are kept, since a per-expert checkpoint splits one expert's delta over several
-    consecutive tensors (gate_proj, up_proj) and every expert of a layer shares the factors."""
-
-    def __init__(self, reader: TensorReader) -> None:
-        self._reader = reader
-        self._check = ExpertCheck()
-        self._factors: tuple[tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-        self._delta: tuple[tuple[str, ...], int, torch.Tensor] | None = None
-
-    def delta(self, update: ExpertUpdate, expert: int) -> torch.Tensor:
-        """Expert `expert`'s (d1, d2) delta, unrounded; valid until the next call, not to be written to."""
-        keys = update.pair.keys
-        if self._delta is not None and self._delta[:2] == (keys, expert):
-            return self._delta[2]
-        if self._factors is None or self._factors[0] != keys:
-            self._factors = None  # the old factors go before the new ones come
-            a = load_factor(update.pair.a, self._reader)
-            b = load_factor(update.pair.b, self._reader)
-            compute = factor_dtype(a.dtype, b.dtype)
-            a, b = a.to(compute), b.to(compute)
-            exact = self._check.per_expert(tuple(a.shape), tuple(b.shape), update.experts, compute)
-            whole = None if exact else expert_deltas_whole(a, b, update.experts, update.scaling, update.transposed)
-            self._factors = (keys, a, b, whole)
-        _, a, b, whole = self._factors
-        if whole is not None:
-            delta = whole[expert]
-        else:
-            delta = expert_delta(a, b, update.experts, expert, update.scaling, update.transposed)
-        self._delta = (keys, expert, delta)
-        return delta
-
-
 def run_plan(
     plan: MergePlan,
     source: Source,
@@ -122,7 +84,7 @@ def run_plan(
 
     Torch runs on one thread: its second thread on 1M-element blocks gained ~12% on an idle machine but made a 3B
     merge ~3x slower on a busy one. The second core comes in as a helper thread computing every other block of a
-    LoRA merge (`_fused_blocks`), while the reader and writer threads mostly wait on the disk.
+    LoRA merge (merging/twocore.py), while the reader and writer threads mostly wait on the disk.
     """
     check = check or ValueCheck()
     threads = torch.get_num_threads()
@@ -134,7 +96,7 @@ def run_plan(
         workspace = Workspace()
         deltas = ExpertDeltas(reader)
         sink.start([task.output for task in plan.tasks])
-        with ReadAhead(list(_input_ranges(plan, source, steps))) as ahead, _helper() as helper:
+        with ReadAhead(list(_input_ranges(plan, source, steps))) as ahead, arithmetic_helper() as helper:
             io = _Streams(source, reader, ahead, sink, workspace, check, helper)
             for task in plan.tasks:
                 sink.begin(task.output.name)
@@ -194,19 +156,6 @@ class _Streams:
 
 
 @contextmanager
-def _helper() -> Iterator[Executor | None]:
-    """A second arithmetic thread where this process may run on two cores or more (QLORA_MERGE_THREADS=1: not),
-    else None."""
-    if len(os.sched_getaffinity(0)) < 2 or os.environ.get("QLORA_MERGE_THREADS", "2") == "1":
-        yield None
-        return
-    # torch's thread count is per thread for OpenMP: left at its default, the helper's products would each start
-    # a team of threads that spin on the cores the merge needs (user time doubled, wall time up 50%).
-    with ThreadPoolExecutor(1, "qlora-merge-arithmetic", initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        yield pool
-
-
-@contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
@@ -259,7 +208,7 @@ def _input_ranges(plan: MergePlan, source: Source, steps: dict[str, int]) -> Ite
             tensor, rows_from = _rows_source(task, source)
             if isinstance(tensor, TensorEntry):
                 cols = task.output.shape[1]
-                for start, stop in _row_blocks(task, _io_rows(task, steps[task.output.name])):
+                for start, stop in _row_blocks(task, io_rows(task, steps[task.output.name])):
                     yield from rows_from.reads(tensor, start * cols, stop * cols)
 
 
@@ -269,13 +218,6 @@ def _convert_chunks(entry: TensorEntry) -> Iterator[tuple[int, int]]:
     step = max(CONVERT_CHUNK_BYTES // DTYPES[entry.dtype][1], 1)
     for start in range(0, numel, step):
         yield start, min(numel, start + step)
-
-
-def _io_rows(task: TensorTask, step: int) -> int:
-    """Rows read and written at a time for a task computed in blocks of `step` rows: a LoRA merge takes
-    PAIRED_BLOCKS blocks at once, so that two cores can compute them side by side; the blocks themselves, and so
-    the bits, are the same as one at a time."""
-    return step * PAIRED_BLOCKS if isinstance(task.update, LoraUpdate) else step
 
 
 def _row_blocks(task: TensorTask, step: int) -> Iterator[tuple[int, int]]:
@@ -351,9 +293,9 @@ def _merge(task: TensorTask, step: int | None, io: _Streams) -> None:
     out_dtype = DTYPES[task.output.dtype][0]
     # What the compiled pass computes: a plain LoRA product added to W; the rest goes the torch way.
     plain = magnitude is None and round_to is None and not update.transposed and compute == torch.float32
-    for start, stop, rows in _weight_rows(task, _io_rows(task, step), io):
+    for start, stop, rows in _weight_rows(task, io_rows(task, step), io):
         if plain and FUSED.available(rows.dtype, out_dtype):  # the dtype of the rows as read, checked once per pair
-            _fused_blocks(a, b, update.scaling, start, stop, step, rows, task, io)
+            fused_blocks(a, b, update.scaling, start, stop, step, rows, DTYPES[task.output.dtype][0], io)
             continue
         for first in range(start, stop, step):
             last = min(stop, first + step)
@@ -363,57 +305,6 @@ def _merge(task: TensorTask, step: int | None, io: _Streams) -> None:
             delta = linear_delta_rows(a, b, update.scaling, update.transposed, first, last, scratch)
             block_magnitude = magnitude[first:last] if magnitude is not None else None
             _add_round_write(weight, delta, task, round_to, block_magnitude, io)
-
-
-def _fused_blocks(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scaling: float,
-    start: int,
-    stop: int,
-    step: int,
-    rows: torch.Tensor,
-    task: TensorTask,
-    io: _Streams,
-) -> None:
-    """W + scaling * (B @ A) for rows [start, stop) of a weight, in blocks of `step` rows: each block's product
-    (torch.mm), then the sum, rounding and value count in one pass (merging/fused.c). With a helper thread the
-    second block is computed on the other core meanwhile; both calls release the GIL. Only a block with a NaN or
-    an infinity pays for the float32 sum again, to tell float16 overflow from the rest."""
-    out_dtype, out_size = DTYPES[task.output.dtype]
-    cols = rows.shape[1]
-    raw, claimed = io.output(rows.numel() * out_size)
-    merged = raw.view(out_dtype).view(rows.shape)
-    blocks = [(first, min(stop, first + step)) for first in range(start, stop, step)]
-    scratches = [
-        io.workspace.take(f"scratch{i}", max(last - first, MIN_BLOCK_ROWS) * cols * 4).view(torch.float32)
-        for i, (first, last) in enumerate(blocks)
-    ]
-
-    def compute(i: int) -> tuple[int, torch.Tensor]:
-        first, last = blocks[i]
-        product = linear_delta_rows(a, b, scaling, False, first, last, scratches[i], scale=False)
-        block = slice(first - start, last - start)
-        return FUSED.run(rows[block], product, scaling, merged[block]), product
-
-    results: dict[int, tuple[int, torch.Tensor]] = {}
-    claims = itertools.count()  # both threads take the next block from it: the helper shares its core with the
-    # reader and the writer, so a fixed half each would leave the main thread waiting for it
-
-    def work() -> None:
-        while (i := next(claims)) < len(blocks):
-            results[i] = compute(i)
-
-    helped = io.helper.submit(work) if io.helper is not None and len(blocks) > 1 else None
-    work()
-    if helped is not None:
-        helped.result()
-    for i, (first, last) in enumerate(blocks):
-        nonfinite, product = results[i]
-        if nonfinite:
-            weight = rows[first - start : last - start]
-            io.check.block(merged[first - start : last - start], (product * scaling).add_(weight.float()))
-    io.commit(raw, claimed)
 
 
 def _add_round_write(
