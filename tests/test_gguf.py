@@ -168,19 +168,20 @@ def reference_logits(merged: Path) -> torch.Tensor:
         return model(torch.tensor([TOKENS])).logits[0].double()
 
 
-def llama_cpp_model(path: Path) -> Any:
+def llama_cpp_model(path: Path, **settings: Any) -> Any:
     import llama_cpp
 
     return llama_cpp.Llama(
         model_path=str(path), logits_all=True, verbose=False, n_ctx=64, n_threads=2, seed=0,
-        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **settings,
     )  # fmt: skip
 
 
-def llama_cpp_logits(path: Path) -> torch.Tensor:
+def llama_cpp_logits(path: Path, **settings: Any) -> torch.Tensor:
+    """llama.cpp's logits for TOKENS (float32 KV cache); `settings` go to llama_cpp.Llama (e.g. lora_path)."""
     import numpy as np
 
-    model = llama_cpp_model(path)
+    model = llama_cpp_model(path, **settings)
     model.eval(TOKENS)
     return torch.from_numpy(np.array(model.scores[: len(TOKENS)], dtype=np.float64))
 
@@ -607,9 +608,6 @@ def test_the_adapter_as_a_gguf_lora_on_the_base_gguf_gives_the_merges_logits(
 ) -> None:
     """`qlora-merge gguf-lora`: llama.cpp loads the base's f32 GGUF with the adapter's f32 GGUF LoRA applied at run
     time, and its logits match transformers' on our merge as closely as the merge's own f32 GGUF does."""
-    import llama_cpp
-    import numpy as np
-
     from qlora_merge.cli import main
 
     base, adapter = merged.parent / "base", merged.parent / "adapter"
@@ -620,12 +618,7 @@ def test_the_adapter_as_a_gguf_lora_on_the_base_gguf_gives_the_merges_logits(
     assert main([*argv, "--llama-cpp", str(converter.root)], out=stdout, err=stderr) == 0, stderr.getvalue()
     assert stdout.getvalue().startswith(f"{lora}  (LoRA, f32,")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary file left"
-    model = llama_cpp.Llama(
-        model_path=str(base_gguf.path), lora_path=str(lora), logits_all=True, verbose=False, n_ctx=64, n_threads=2,
-        seed=0, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
-    )  # fmt: skip
-    model.eval(TOKENS)
-    got = torch.from_numpy(np.array(model.scores[: len(TOKENS)], dtype=np.float64))
+    got = llama_cpp_logits(base_gguf.path, lora_path=str(lora))
     worst = float((got - reference_logits).abs().max() / reference_logits.abs().max())
     without = llama_cpp_logits(base_gguf.path)
     print(f"base + GGUF LoRA vs merge: {worst:.3g}; base alone: {float((without - reference_logits).abs().max()):.3g}")
